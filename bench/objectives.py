@@ -1,0 +1,78 @@
+"""Forward+backward time of each objective against plain token-mean REINFORCE.
+
+Prints one table of ratios measured in this one run (machines are noisy; compare ratios,
+not absolute times). Run: .venv/bin/python bench/objectives.py [--batch 256 --tokens 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from vespo.objectives import OBJECTIVES, compute_loss
+
+
+def make_batch(batch: int, tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logprobs = -torch.rand(batch, tokens, generator=g) * 3
+    behavior = logprobs + torch.randn(batch, tokens, generator=g) * 0.05
+    seq_adv = torch.randn(batch, 1, generator=g)
+    lengths = torch.randint(tokens // 4, tokens + 1, (batch, 1), generator=g)
+    mask = (torch.arange(tokens).unsqueeze(0) < lengths).float()
+    return {
+        "logprobs": logprobs,
+        "behavior_logprobs": behavior,
+        "advantages": seq_adv.expand(batch, tokens).contiguous(),
+        "mask": mask,
+    }
+
+
+def reinforce(logprobs, behavior_logprobs, advantages, mask):
+    """The floor: -mean over valid tokens of A * log pi, no importance weighting at all."""
+    return -(advantages * logprobs * mask).sum() / mask.sum()
+
+
+def time_fwd_bwd(fn, data: dict[str, torch.Tensor], repeats: int) -> float:
+    """Median seconds of one forward+backward (fresh leaf each time, as in a training step)."""
+    times = []
+    for i in range(repeats + 2):
+        lp = data["logprobs"].clone().requires_grad_()
+        start = time.perf_counter()
+        loss = fn(lp)
+        loss.backward()
+        if i >= 2:  # two warm-up runs
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+
+    data = make_batch(args.batch, args.tokens)
+    rest = {k: v for k, v in data.items() if k != "logprobs"}
+    candidates = {"reinforce": lambda lp: reinforce(lp, **rest)}
+    for name in OBJECTIVES:
+        candidates[name] = lambda lp, name=name: compute_loss(name, lp, **rest)[0]
+
+    # Interleave the candidates round by round so drift in machine load hits all of them.
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(5):
+        for name, fn in candidates.items():
+            samples[name].append(time_fwd_bwd(fn, data, args.repeats // 5 or 1))
+    base = statistics.median(samples["reinforce"])
+    print(f"batch {args.batch} x {args.tokens} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'objective':<10} {'ms (median)':>12} {'ratio to REINFORCE':>20}")
+    for name, ts in samples.items():
+        t = statistics.median(ts)
+        print(f"{name:<10} {t * 1e3:>12.2f} {t / base:>20.2f}x")
+
+
+if __name__ == "__main__":
+    main()

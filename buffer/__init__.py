@@ -1,0 +1,1 @@
+"""Staleness-tagged replay buffer between rollout and learner."""

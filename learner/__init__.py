@@ -1,0 +1,1 @@
+"""Learner: DeepSpeed training, weight broadcast and checkpoints (see issue: learner)."""

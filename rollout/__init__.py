@@ -1,0 +1,1 @@
+"""Rollout: vLLM generation engines as Ray actors (see issue: rollout)."""

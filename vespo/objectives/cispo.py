@@ -1,0 +1,48 @@
+"""CISPO: the clipped token ratio as a detached weight on log pi.
+
+Unlike PPO-clip, clipping never zeroes a token's gradient; it only bounds how much a token
+can be up-weighted, so rare but important tokens keep contributing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vespo.objectives.aggregation import check_agg_mode, row_weights
+from vespo.objectives.grpo import token_ratio
+from vespo.objectives.inputs import PolicyBatch
+from vespo.objectives.metrics import policy_metrics, token_fraction, token_stats
+from vespo.objectives.weighted_loglik import weighted_loglik
+
+
+@dataclass(frozen=True)
+class CispoConfig:
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    agg: str = "token-mean"
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.eps_low <= 1 and self.eps_high >= 0):
+            raise ValueError(f"CISPO needs 0 <= eps_low <= 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        check_agg_mode(self.agg)
+
+
+def cispo_objective(
+    batch: PolicyBatch, config: CispoConfig, rollout_is_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    with torch.no_grad():
+        ratio = token_ratio(batch)
+    weight = ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
+    clipped = weight != ratio
+    if rollout_is_weights is not None:
+        weight.mul_(rollout_is_weights.float())
+    row_w = row_weights(batch.lengths, config.agg)
+    coef = weight.mul_(batch.masked_advantages).mul_(-row_w.unsqueeze(-1))
+    loss = weighted_loglik(batch.logprobs, coef)
+
+    metrics = policy_metrics(loss, batch)
+    metrics.update(token_stats("actor/ratio", ratio, batch.mask))
+    metrics["actor/pg_clipfrac"] = token_fraction(clipped, batch.mask)
+    return loss, metrics

@@ -1,0 +1,48 @@
+"""SAPO: a soft sigmoid gate on the token ratio instead of a hard clip.
+
+gate(r) = sigmoid(tau (r - 1)) * 4 / tau has slope 1 at r = 1, so on-policy it is the plain
+policy gradient; away from r = 1 the gradient fades smoothly rather than being cut off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vespo.objectives.aggregation import aggregate, check_agg_mode
+from vespo.objectives.grpo import token_ratio
+from vespo.objectives.inputs import PolicyBatch
+from vespo.objectives.metrics import policy_metrics, token_stats
+
+
+@dataclass(frozen=True)
+class SapoConfig:
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    agg: str = "seq-mean-token-mean"
+
+    def __post_init__(self) -> None:
+        if not (self.tau_pos > 0 and self.tau_neg > 0):
+            raise ValueError(f"SAPO temperatures must be > 0, got tau_pos={self.tau_pos}, tau_neg={self.tau_neg}")
+        check_agg_mode(self.agg)
+
+
+def sapo_objective(
+    batch: PolicyBatch,
+    config: SapoConfig,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    ratio = token_ratio(batch)
+    adv = batch.advantages
+    tau = torch.where(adv > 0, config.tau_pos, config.tau_neg)
+    gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
+    token_loss = -gate * adv
+    if rollout_is_weights is not None:
+        token_loss = token_loss * rollout_is_weights.float().detach()
+    loss = aggregate(token_loss, batch.mask, config.agg)
+
+    metrics = policy_metrics(loss, batch)
+    metrics.update(token_stats("actor/ratio", ratio, batch.mask))
+    metrics.update(token_stats("sapo/gate", gate, batch.mask, only_mean=True))
+    return loss, metrics

@@ -1,0 +1,123 @@
+"""VESPO: sequence-level importance weights reshaped by a gamma-shaped kernel.
+
+The gradient coefficient on grad log pi is phi(W) = W^k exp(lambda (1 - W)) with
+W = exp(s) the *unnormalised* sequence importance weight. phi(1) = 1, it peaks at
+W = k / lambda and decays softly to 0 for both tiny and huge weights, which is what keeps
+heavily stale rollouts from blowing up the update. phi only scales the gradient, so it is
+computed from detached log-ratios and the loss is -phi * A * log pi.
+
+Everything per sequence (s, phi, the metrics) is a vector of batch size; it is computed in
+float64 numpy on the host in one go, which is both more precise and far cheaper than dozens
+of tiny tensor ops. The per-token work stays in torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vespo.objectives.aggregation import check_agg_mode, row_weights
+from vespo.objectives.inputs import LOG_RATIO_CLAMP, PolicyBatch
+from vespo.objectives.metrics import policy_metrics, row_stats, to_numpy
+from vespo.objectives.weighted_loglik import weighted_loglik
+
+LAMBDA_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class VespoConfig:
+    """Kernel shapes by the sign of the sequence advantage (released defaults)."""
+
+    k_pos: float = 2.0  # shape for A >= 0
+    lambda_pos: float = 3.0
+    k_neg: float = 3.0  # shape for A < 0
+    lambda_neg: float = 2.0
+    agg: str = "token-mean"
+    # Negative-advantage sequences with W above this are the ones that can push a good
+    # policy down hard; their count and max W are logged as an early warning.
+    neg_w_noise_threshold: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("k_pos", "k_neg", "lambda_pos", "lambda_neg"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"VESPO {name} must be >= 0, got {value}")
+        check_agg_mode(self.agg)
+
+
+def phi(s: np.ndarray | float, k: np.ndarray | float, lam: np.ndarray | float) -> np.ndarray:
+    """phi(W) for W = exp(s), normalised so phi(1) = 1.
+
+    In log space: log phi = lambda + k s - lambda exp(s), with s clamped to [-20, 20] and
+    lambda floored at 1e-4; NaN or inf (from NaN inputs) becomes 0.
+    """
+    s = np.clip(np.asarray(s, dtype=np.float64), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    lam = np.maximum(np.asarray(lam, dtype=np.float64), LAMBDA_FLOOR)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.exp(lam + k * s - lam * np.exp(s))
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def vespo_objective(
+    batch: PolicyBatch, config: VespoConfig, rollout_is_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    per_row = [batch.seq_log_weight, batch.seq_advantage, batch.lengths, row_weights(batch.lengths, config.agg)]
+    if rollout_is_weights is not None:
+        per_row.append(mismatch_log_weight(rollout_is_weights, batch.mask))
+    rows = to_numpy(torch.stack(per_row)).astype(np.float64)
+    s_pi_mu, seq_adv, lengths, agg_weight = rows[:4]
+    mismatch = rows[4] if rollout_is_weights is not None else None
+    # The mismatch term turns W = pi/pi_old into pi/pi_sampler; clamp after all terms are in.
+    s = np.clip(s_pi_mu if mismatch is None else s_pi_mu + mismatch, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    pos = seq_adv >= 0
+    weight = phi(s, np.where(pos, config.k_pos, config.k_neg), np.where(pos, config.lambda_pos, config.lambda_neg))
+
+    # loss = sum_bt coef_bt log pi_bt with coef = -phi_b * w_b * A_bt * m_bt, where w_b is the
+    # aggregation's row weight: linear in log pi, so its gradient is exactly coef.
+    row_coef = torch.from_numpy(-weight * agg_weight).to(batch.masked_advantages)
+    coef = batch.masked_advantages.mul_(row_coef.unsqueeze(-1))
+    loss = weighted_loglik(batch.logprobs, coef)
+
+    metrics = policy_metrics(loss, batch)
+    metrics.update(_vespo_metrics(config, lengths > 0, s, weight, pos, mismatch))
+    return loss, metrics
+
+
+def mismatch_log_weight(rollout_is_weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_t m_t clamp(log rho_t) for rho_t = pi_old / pi_sampler."""
+    log_rho = torch.log(rollout_is_weights.detach().float()).clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return log_rho.mul_(mask).sum(-1)
+
+
+def _vespo_metrics(
+    config: VespoConfig,
+    valid: np.ndarray,
+    s: np.ndarray,
+    weight: np.ndarray,
+    pos: np.ndarray,
+    mismatch: np.ndarray | None,
+) -> dict[str, float]:
+    w = np.exp(s)
+    is_pos, is_neg = valid & pos, valid & ~pos
+    neg_high = is_neg & (w > config.neg_w_noise_threshold)
+    out: dict[str, float] = {}
+    out.update(row_stats("vespo/W", w, valid, std=True))
+    out.update(row_stats("vespo/s", s, valid))
+    out.update(row_stats("vespo/phi", weight, valid))
+    out.update(row_stats("vespo/W_pos", w, is_pos, only="mean"))
+    out.update(row_stats("vespo/W_neg", w, is_neg, only="mean"))
+    out.update(row_stats("vespo/phi_pos", weight, is_pos, only="mean"))
+    out.update(row_stats("vespo/phi_neg", weight, is_neg, only="mean"))
+    out.update(row_stats("vespo/W_neg_high", w, neg_high, only="max"))
+    if mismatch is not None:
+        out.update(row_stats("vespo/mismatch_s", mismatch, valid))
+    out["vespo/n_pos"] = float(is_pos.sum())
+    out["vespo/n_neg"] = float(is_neg.sum())
+    out["vespo/n_neg_high_W"] = float(neg_high.sum())
+    out["vespo/k_pos"] = float(config.k_pos)
+    out["vespo/lambda_pos"] = float(config.lambda_pos)
+    out["vespo/k_neg"] = float(config.k_neg)
+    out["vespo/lambda_neg"] = float(config.lambda_neg)
+    return out

@@ -1,0 +1,39 @@
+"""sum(coef * log pi) with coef fixed: the loss of every objective that is linear in log pi.
+
+VESPO and CISPO both weight grad log pi by a detached coefficient. Written with plain
+autograd, (coef * logprobs).sum() allocates a (batch, tokens) product in the forward and
+another in the backward; on large CPU batches those fresh allocations cost more than the
+arithmetic. Here the forward is one BLAS dot product over the flattened tensors and the
+backward scales coef in place and hands it over as the gradient: no temporary at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+class _WeightedLogLik(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logprobs: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        # Held as a plain attribute, not save_for_backward, so that the backward owns the only
+        # reference and autograd can adopt the tensor as .grad instead of copying it.
+        ctx.coef = coef
+        return torch.dot(logprobs.reshape(-1), coef.reshape(-1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        coef = getattr(ctx, "coef", None)
+        if coef is None:
+            raise RuntimeError("weighted_loglik supports one backward pass per forward (no retain_graph reuse)")
+        del ctx.coef
+        return coef.mul_(grad_output), None
+
+
+def weighted_loglik(logprobs: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """Scalar sum(coef * logprobs); its gradient with respect to logprobs is exactly coef.
+
+    `coef` is consumed: it becomes the gradient buffer, so the caller must not reuse it.
+    """
+    return _WeightedLogLik.apply(logprobs, coef.detach())
