@@ -14,7 +14,7 @@ weight, the token-level baselines multiply each token's loss by them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
@@ -123,4 +123,3 @@ __all__ = [
     "phi",
     "vespo_loss",
 ]
-

@@ -39,7 +39,7 @@ def cispo_objective(
     if rollout_is_weights is not None:
         weight.mul_(rollout_is_weights.float())
     row_w = row_weights(batch.lengths, config.agg)
-    coef = weight.mul_(batch.masked_advantages).mul_(-row_w.unsqueeze(-1))
+    coef = weight.mul_(batch.masked_advantages(-row_w))
     loss = weighted_loglik(batch.logprobs, coef)
 
     metrics = policy_metrics(loss, batch)

@@ -1,9 +1,10 @@
 """Shared preparation of objective inputs: dtype, shape checks and per-sequence quantities.
 
 Every objective needs the same things from a batch: the sequence log-weight s (a sum of
-per-token log-ratios clamped to [-20, 20]), lengths and the sequence advantage. Computing them once here keeps
-the objectives identical in how they treat masks, padding and extreme values, and keeps the
-number of full (batch, tokens) passes low: this runs on every micro-batch of every step.
+per-token log-ratios clamped to [-20, 20]), lengths and the sequence advantage. Computing
+them once here keeps the objectives identical in how they treat masks, padding and extreme
+values. This runs on every micro-batch, so the (batch, tokens) passes are kept few and
+in place: on large batches memory traffic and fresh allocations, not arithmetic, are the cost.
 """
 
 from __future__ import annotations
@@ -17,24 +18,27 @@ LOG_RATIO_CLAMP = 20.0
 
 @dataclass
 class PolicyBatch:
-    """Float32 views of one batch plus the per-sequence quantities all objectives share.
-
-    One batch serves one objective call: an objective may reuse `masked_advantages` as
-    scratch space for its coefficients instead of allocating another (batch, tokens) tensor.
-    """
+    """Float32 views of one batch plus the per-sequence quantities all objectives share."""
 
     logprobs: torch.Tensor  # (B, T) float32, carries the gradient
     behavior_logprobs: torch.Tensor  # (B, T) as given
     advantages: torch.Tensor  # (B, T) float32
-    masked_advantages: torch.Tensor  # (B, T) advantages * mask, detached
     mask: torch.Tensor  # (B, T) float32 in {0, 1}
     lengths: torch.Tensor  # (B,) number of valid tokens
     seq_log_weight: torch.Tensor  # (B,) s = sum_t m_t r_t, before any sequence-level clamp
     seq_advantage: torch.Tensor  # (B,) masked mean of the advantages (0 for empty rows)
+    scratch: torch.Tensor | None = None  # a free (B, T) float32 buffer left over by prepare
 
     @property
     def valid_rows(self) -> torch.Tensor:
         return self.lengths > 0
+
+    def masked_advantages(self, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """A fresh detached (B, T) tensor advantages * mask (* row_scale per row)."""
+        adv, m = self.advantages.detach(), self.mask
+        out = torch.mul(adv, m, out=self.scratch) if self.scratch is not None else adv * m
+        self.scratch = None  # handed out: never give the same buffer twice
+        return out if row_scale is None else out.mul_(row_scale.unsqueeze(-1))
 
 
 def prepare(
@@ -48,15 +52,13 @@ def prepare(
     m = mask.float()
     adv = advantages.float()
     with torch.no_grad():
-        # One fresh (B, T) buffer, used twice: on large CPU batches touching new memory costs
-        # more than the arithmetic. Clamping turns +-inf at padded positions into +-20, which
-        # the mask then zeroes.
+        # In place on one fresh buffer, which is then lent to the objective. Clamping turns
+        # +-inf at padded positions into +-20, which the mask then zeroes.
         scratch = torch.sub(lp.detach(), behavior_logprobs.float())
         seq_log_weight = scratch.clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).mul_(m).sum(-1)
-        masked_adv = torch.mul(adv.detach(), m, out=scratch)
         lengths = m.sum(-1)
-        seq_adv = masked_adv.sum(-1) / lengths.clamp(min=1.0)
-    return PolicyBatch(lp, behavior_logprobs, adv, masked_adv, m, lengths, seq_log_weight, seq_adv)
+        seq_adv = torch.mul(adv.detach(), m, out=scratch).sum(-1) / lengths.clamp(min=1.0)
+    return PolicyBatch(lp, behavior_logprobs, adv, m, lengths, seq_log_weight, seq_adv, scratch)
 
 
 def _check_shapes(*tensors: torch.Tensor) -> None:

@@ -76,8 +76,8 @@ def vespo_objective(
 
     # loss = sum_bt coef_bt log pi_bt with coef = -phi_b * w_b * A_bt * m_bt, where w_b is the
     # aggregation's row weight: linear in log pi, so its gradient is exactly coef.
-    row_coef = torch.from_numpy(-weight * agg_weight).to(batch.masked_advantages)
-    coef = batch.masked_advantages.mul_(row_coef.unsqueeze(-1))
+    row_coef = torch.from_numpy(-weight * agg_weight).to(batch.advantages)
+    coef = batch.masked_advantages(row_coef)
     loss = weighted_loglik(batch.logprobs, coef)
 
     metrics = policy_metrics(loss, batch)

@@ -2,9 +2,12 @@
 
 VESPO and CISPO both weight grad log pi by a detached coefficient. Written with plain
 autograd, (coef * logprobs).sum() allocates a (batch, tokens) product in the forward and
-another in the backward; on large CPU batches those fresh allocations cost more than the
+another in the backward; on large CPU batches touching fresh memory costs more than the
 arithmetic. Here the forward is one BLAS dot product over the flattened tensors and the
 backward scales coef in place and hands it over as the gradient: no temporary at all.
+
+The price: one backward pass per forward. A second pass through the same graph
+(retain_graph=True) raises instead of silently returning a wrong gradient.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from torch.autograd.function import once_differentiable
 class _WeightedLogLik(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logprobs: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        # Held as a plain attribute, not save_for_backward, so that the backward owns the only
-        # reference and autograd can adopt the tensor as .grad instead of copying it.
+        # A plain attribute, not save_for_backward: the backward then owns the only reference
+        # and autograd can adopt the tensor as the gradient instead of copying it.
         ctx.coef = coef
         return torch.dot(logprobs.reshape(-1), coef.reshape(-1))
 
@@ -26,7 +29,10 @@ class _WeightedLogLik(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         coef = getattr(ctx, "coef", None)
         if coef is None:
-            raise RuntimeError("weighted_loglik supports one backward pass per forward (no retain_graph reuse)")
+            raise RuntimeError(
+                "the policy loss supports one backward pass per forward; recompute the loss "
+                "instead of calling backward twice with retain_graph=True"
+            )
         del ctx.coef
         return coef.mul_(grad_output), None
 
