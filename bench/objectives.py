@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from vespo.objectives import OBJECTIVES, compute_loss
+from vespo.objectives import OBJECTIVES, VespoConfig, compute_loss
 
 
 def make_batch(batch: int, tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -62,6 +62,11 @@ def main() -> None:
     candidates = {"reinforce": lambda lp: reinforce(lp, **rest)}
     for name in OBJECTIVES:
         candidates[name] = lambda lp, name=name: compute_loss(name, lp, **rest)[0]
+    eager = VespoConfig(fused=False)
+    candidates["vespo-eager"] = lambda lp: compute_loss("vespo", lp, **rest, config=eager)[0]
+    start = time.perf_counter()
+    candidates["vespo"](data["logprobs"].clone().requires_grad_()).backward()
+    print(f"first VESPO call (torch.compile of the fused path): {time.perf_counter() - start:.1f}s, once per process")
 
     # Rounds interleave the candidates so drift in machine load hits all of them; each ratio
     # is taken within a round, and the median over rounds is reported.

@@ -303,10 +303,31 @@ def test_clear_errors():
         compute_loss("vespo", lp, mu, adv, mask, GrpoConfig())
 
 
-def test_second_backward_through_the_same_loss_is_refused():
+@pytest.mark.parametrize(("name", "config"), [("vespo", VespoConfig(fused=False)), ("cispo", None)])
+def test_second_backward_through_an_eager_linear_loss_is_refused(name, config):
     lp, mu, adv, mask = random_batch(1)
     lp.requires_grad_()
-    loss, _ = compute_loss("vespo", lp, mu, adv, mask)
+    loss, _ = compute_loss(name, lp, mu, adv, mask, config)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass per forward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (1, 7), (5, 1), (1, 1), (3, 0), (0, 4)])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_fused_and_eager_vespo_agree(shape, agg):
+    g = torch.Generator().manual_seed(sum(shape))
+    lp = -torch.rand(shape, generator=g) * 3
+    mu = lp + torch.randn(shape, generator=g) * 0.5
+    adv = torch.randn(shape, generator=g)
+    mask = torch.rand(shape, generator=g) > 0.3
+    results = []
+    for fused in (True, False):
+        loss, grad, metrics = loss_and_grad("vespo", lp, mu, adv, mask, VespoConfig(agg=agg, fused=fused))
+        results.append((loss, grad, metrics))
+    (l1, g1, m1), (l2, g2, m2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+    assert m1.keys() == m2.keys()
+    for key in m1:
+        assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key

@@ -22,6 +22,7 @@ import torch
 
 from vespo.objectives.aggregation import AGG_MODES, aggregate
 from vespo.objectives.cispo import CispoConfig, cispo_objective
+from vespo.objectives.fused import prepare_fused
 from vespo.objectives.grpo import GrpoConfig, grpo_objective
 from vespo.objectives.gspo import GspoConfig, gspo_objective
 from vespo.objectives.inputs import PolicyBatch, prepare
@@ -70,7 +71,8 @@ def compute_loss(
         raise ValueError(
             f"rollout_is_weights has shape {tuple(rollout_is_weights.shape)}, expected {tuple(logprobs.shape)}"
         )
-    batch = prepare(logprobs, behavior_logprobs, advantages, mask)
+    fused = isinstance(cfg, VespoConfig) and cfg.fused
+    batch = (prepare_fused if fused else prepare)(logprobs, behavior_logprobs, advantages, mask)
     if name == "vespo":
         return vespo_objective(batch, cfg, rollout_is_weights)
     if name == "grpo":

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vespo.objectives.aggregation import check_agg_mode, row_weights
+from vespo.objectives.aggregation import check_agg_mode, row_weights_like
 from vespo.objectives.grpo import token_ratio
 from vespo.objectives.inputs import PolicyBatch
-from vespo.objectives.metrics import policy_metrics, token_fraction, token_stats
+from vespo.objectives.metrics import batch_policy_metrics, token_fraction, token_stats
 from vespo.objectives.weighted_loglik import weighted_loglik
 
 
@@ -38,11 +38,11 @@ def cispo_objective(
     clipped = weight != ratio
     if rollout_is_weights is not None:
         weight.mul_(rollout_is_weights.float())
-    row_w = row_weights(batch.lengths, config.agg)
+    row_w = row_weights_like(batch.lengths, config.agg)
     coef = weight.mul_(batch.masked_advantages(-row_w))
     loss = weighted_loglik(batch.logprobs, coef)
 
-    metrics = policy_metrics(loss, batch)
+    metrics = batch_policy_metrics(loss, batch.lengths, batch.seq_log_weight)
     metrics.update(token_stats("actor/ratio", ratio, batch.mask))
     metrics["actor/pg_clipfrac"] = token_fraction(clipped, batch.mask)
     return loss, metrics

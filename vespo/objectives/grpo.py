@@ -9,7 +9,7 @@ import torch
 from vespo.objectives.aggregation import aggregate, check_agg_mode
 from vespo.objectives.clipping import clipped_surrogate
 from vespo.objectives.inputs import LOG_RATIO_CLAMP, PolicyBatch
-from vespo.objectives.metrics import policy_metrics, token_fraction, token_stats
+from vespo.objectives.metrics import batch_policy_metrics, token_fraction, token_stats
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def grpo_objective(
         token_loss = token_loss * rollout_is_weights.float().detach()
     loss = aggregate(token_loss, batch.mask, config.agg)
 
-    metrics = policy_metrics(loss, batch)
+    metrics = batch_policy_metrics(loss, batch.lengths, batch.seq_log_weight)
     metrics.update(token_stats("actor/ratio", ratio, batch.mask))
     metrics["actor/pg_clipfrac"] = token_fraction(clipped, batch.mask)
     metrics["actor/pg_clipfrac_lower"] = token_fraction(dual_clipped, batch.mask)

@@ -14,7 +14,7 @@ import torch
 from vespo.objectives.aggregation import aggregate, check_agg_mode
 from vespo.objectives.clipping import clipped_surrogate
 from vespo.objectives.inputs import PolicyBatch
-from vespo.objectives.metrics import policy_metrics, row_stats, to_numpy, token_fraction
+from vespo.objectives.metrics import batch_policy_metrics, row_stats, to_numpy, token_fraction
 
 MAX_LOG_SEQ_RATIO = 10.0
 
@@ -43,7 +43,7 @@ def gspo_objective(
         token_loss = token_loss * rollout_is_weights.float().detach()
     loss = aggregate(token_loss, batch.mask, config.agg)
 
-    metrics = policy_metrics(loss, batch)
-    metrics.update(row_stats("actor/ratio", np.exp(to_numpy(s_bar)), to_numpy(batch.lengths) > 0))
+    metrics = batch_policy_metrics(loss, batch.lengths, batch.seq_log_weight)
+    metrics.update(row_stats("actor", {"ratio": np.exp(to_numpy(s_bar))}, to_numpy(batch.lengths) > 0))
     metrics["actor/pg_clipfrac"] = token_fraction(clipped, batch.mask)
     return loss, metrics

@@ -28,6 +28,7 @@ class PolicyBatch:
     seq_log_weight: torch.Tensor  # (B,) s = sum_t m_t r_t, before any sequence-level clamp
     seq_advantage: torch.Tensor  # (B,) masked mean of the advantages (0 for empty rows)
     scratch: torch.Tensor | None = None  # a free (B, T) float32 buffer left over by prepare
+    adv_logprob_rowdot: torch.Tensor | None = None  # (B,) sum m A log pi, from the fused path
 
     @property
     def valid_rows(self) -> torch.Tensor:
@@ -47,7 +48,7 @@ def prepare(
     advantages: torch.Tensor,
     mask: torch.Tensor,
 ) -> PolicyBatch:
-    _check_shapes(logprobs, behavior_logprobs, advantages, mask)
+    check_shapes(logprobs, behavior_logprobs, advantages, mask)
     lp = logprobs.float()
     m = mask.float()
     adv = advantages.float()
@@ -61,7 +62,7 @@ def prepare(
     return PolicyBatch(lp, behavior_logprobs, adv, m, lengths, seq_log_weight, seq_adv, scratch)
 
 
-def _check_shapes(*tensors: torch.Tensor) -> None:
+def check_shapes(*tensors: torch.Tensor) -> None:
     names = ("logprobs", "behavior_logprobs", "advantages", "mask")
     first = tensors[0]
     if first.dim() != 2:

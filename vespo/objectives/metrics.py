@@ -1,8 +1,8 @@
 """Metric helpers shared by the objectives: statistics as plain Python floats.
 
 Metrics go straight to wandb and across Ray, so they are floats, not tensors. Per-sequence
-statistics are taken in numpy on a few hundred values: one host copy per vector instead of
-dozens of tiny torch ops, which would otherwise cost as much as the loss itself.
+statistics are taken in numpy on batch-sized vectors with a handful of vectorised calls:
+dozens of tiny tensor (or numpy) ops per micro-batch would cost as much as the loss itself.
 """
 
 from __future__ import annotations
@@ -10,23 +10,33 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vespo.objectives.inputs import PolicyBatch
-
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def row_stats(
-    prefix: str, values: np.ndarray, where: np.ndarray, *, std: bool = False, only: str | None = None
-) -> dict[str, float]:
-    """mean/max/min (and std) of values[where], or just one of them; zeros when none selected."""
-    picked = values[where]
-    names = [only] if only else ["mean", "max", "min"] + (["std"] if std else [])
-    if picked.size == 0:
-        return {f"{prefix}_{n}": 0.0 for n in names}
-    fns = {"mean": np.mean, "max": np.max, "min": np.min, "std": np.std}
-    return {f"{prefix}_{n}": float(fns[n](picked)) for n in names}
+def row_stats(prefix: str, values: dict[str, np.ndarray], where: np.ndarray) -> dict[str, float]:
+    """{prefix}/{name}_{mean,max,min} of each vector over rows where `where`; 0 if none."""
+    n = int(where.sum())
+    if n == 0:
+        return {f"{prefix}/{name}_{stat}": 0.0 for name in values for stat in ("mean", "max", "min")}
+    vals = np.stack(list(values.values()))
+    means = vals @ where.astype(np.float64) / n
+    highs = np.where(where, vals, -np.inf).max(1)
+    lows = np.where(where, vals, np.inf).min(1)
+    out = {}
+    for i, name in enumerate(values):
+        out[f"{prefix}/{name}_mean"] = float(means[i])
+        out[f"{prefix}/{name}_max"] = float(highs[i])
+        out[f"{prefix}/{name}_min"] = float(lows[i])
+    return out
+
+
+def split_means(prefix: str, values: dict[str, np.ndarray], groups: dict[str, np.ndarray]) -> dict[str, float]:
+    """{prefix}/{value}_{group}_mean for every value and row group, in one matrix product."""
+    masks = np.stack(list(groups.values())).astype(np.float64)
+    means = np.stack(list(values.values())) @ masks.T / np.maximum(masks.sum(1), 1.0)
+    return {f"{prefix}/{v}_{g}_mean": float(means[i, j]) for i, v in enumerate(values) for j, g in enumerate(groups)}
 
 
 def token_stats(prefix: str, values: torch.Tensor, mask: torch.Tensor, *, only_mean: bool = False) -> dict[str, float]:
@@ -52,17 +62,22 @@ def token_fraction(flags: torch.Tensor, mask: torch.Tensor) -> float:
     return float((flags * mask).sum() / n) if n > 0 else 0.0
 
 
-def policy_metrics(loss: torch.Tensor, batch: PolicyBatch) -> dict[str, float]:
+def policy_metrics(loss: torch.Tensor, lengths: np.ndarray, seq_log_weight: np.ndarray) -> dict[str, float]:
     """Metrics every objective reports, defined the same way for all of them.
 
     actor/ppo_kl is the approximate KL(mu || pi) per token, -mean over sequences of s / length.
     """
-    lengths = to_numpy(batch.lengths)
-    valid = lengths > 0
-    per_token_log_w = to_numpy(batch.seq_log_weight)[valid] / lengths[valid]
+    n_seqs = float(np.count_nonzero(lengths))
+    per_token = seq_log_weight / np.maximum(lengths, 1.0)  # empty rows have s = 0
     return {
         "actor/pg_loss": float(loss.detach()),
-        "actor/ppo_kl": float(-per_token_log_w.mean()) if valid.any() else 0.0,
+        "actor/ppo_kl": -float(per_token.sum()) / n_seqs if n_seqs else 0.0,
         "actor/n_tokens": float(lengths.sum()),
-        "actor/n_seqs": float(valid.sum()),
+        "actor/n_seqs": n_seqs,
     }
+
+
+def batch_policy_metrics(loss: torch.Tensor, lengths: torch.Tensor, seq_log_weight: torch.Tensor) -> dict[str, float]:
+    """policy_metrics from tensors, for objectives that do not already hold the numpy rows."""
+    rows = to_numpy(torch.stack([lengths, seq_log_weight])).astype(np.float64)
+    return policy_metrics(loss, rows[0], rows[1])

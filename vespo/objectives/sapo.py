@@ -13,7 +13,7 @@ import torch
 from vespo.objectives.aggregation import aggregate, check_agg_mode
 from vespo.objectives.grpo import token_ratio
 from vespo.objectives.inputs import PolicyBatch
-from vespo.objectives.metrics import policy_metrics, token_stats
+from vespo.objectives.metrics import batch_policy_metrics, token_stats
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def sapo_objective(
         token_loss = token_loss * rollout_is_weights.float().detach()
     loss = aggregate(token_loss, batch.mask, config.agg)
 
-    metrics = policy_metrics(loss, batch)
+    metrics = batch_policy_metrics(loss, batch.lengths, batch.seq_log_weight)
     metrics.update(token_stats("actor/ratio", ratio, batch.mask))
     metrics.update(token_stats("sapo/gate", gate, batch.mask, only_mean=True))
     return loss, metrics
