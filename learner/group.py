@@ -1,0 +1,108 @@
+"""The learner as a group of Ray actors forming one DeepSpeed data-parallel job.
+
+The driver sees one object: hand it trajectories, get back merged metrics. It computes GRPO
+advantages over whole groups before sharding (advantages are group-relative), tells every
+rank the global token and sequence counts (so the loss aggregates exactly across ranks and
+micro-batches), and shards rows by length so ranks finish together.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from buffer.trajectory import Trajectory
+from learner import checkpoint
+from learner.batching import TrainBatch, collate
+from learner.config import LearnerConfig
+from learner.worker import LearnerWorker, batch_totals, merge_metrics, shard
+from vespo.advantages import group_advantages
+
+
+class _RankActor(LearnerWorker):
+    """LearnerWorker whose distributed set-up waits until every rank's actor exists."""
+
+    def __init__(self, cfg: LearnerConfig, rank: int):  # noqa: D107 - deferred on purpose
+        self.cfg, self.rank = cfg, rank
+
+    def address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        LearnerWorker.__init__(self, self.cfg, self.rank, master_addr, master_port)
+        return self.rank
+
+
+class LearnerGroup:
+    def __init__(self, cfg: LearnerConfig):
+        self.cfg = cfg
+        actor = ray.remote(num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker)(_RankActor)
+        env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if cfg.num_gpus_per_worker == 0 else {}
+        self.workers = [actor.options(runtime_env=env).remote(cfg, r) for r in range(cfg.world_size)]
+        addr, port = ray.get(self.workers[0].address.remote())
+        ray.get([w.setup.remote(addr, port) for w in self.workers])
+
+    def make_batch(self, trajectories: list[Trajectory], pad_id: int = 0) -> TrainBatch:
+        rewards = np.array([t.reward for t in trajectories], dtype=np.float32)
+        adv = group_advantages(rewards, [t.group_id for t in trajectories], self.cfg.normalize_adv_std)
+        return collate(trajectories, adv.numpy(), pad_id)
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        return self._on_shards("train_step", batch)
+
+    def evaluate_loss(self, batch: TrainBatch) -> dict[str, float]:
+        return self._on_shards("evaluate_loss", batch)
+
+    def _on_shards(self, method: str, batch: TrainBatch) -> dict[str, float]:
+        totals = batch_totals(batch)
+        shards = shard(batch, self.cfg.world_size)
+        calls = [getattr(w, method).remote(s, totals) for w, s in zip(self.workers, shards, strict=True)]
+        return merge_metrics(ray.get(calls))
+
+    def full_state_dict(self) -> dict:
+        """Full weights from rank 0 (every rank takes part in the gather under ZeRO-3)."""
+        return ray.get([w.full_state_dict.remote() for w in self.workers])[0]
+
+    def save_checkpoint(
+        self,
+        root: str | Path,
+        step: int,
+        policy_version: int,
+        extra: dict[str, Callable[[Path], None]] | None = None,
+    ) -> Path:
+        """Checkpoint every rank, the exported model and any extra state (e.g. {"buffer": snapshot}),
+        atomically. Ranks must share the filesystem under root (a network volume on clusters)."""
+        staged = checkpoint.staging_dir(root, step)
+        if staged.exists():
+            shutil.rmtree(staged)
+        staged.mkdir(parents=True)
+        ray.get([w.save_checkpoint.remote(str(staged)) for w in self.workers])
+        checkpoint.export_hf(self.full_state_dict(), self.cfg.model_path, staged / "model")
+        for name, write in (extra or {}).items():
+            write(staged / name)
+        meta = checkpoint.CheckpointMeta(step, policy_version, self.cfg.world_size, self.cfg.zero_stage)
+        return checkpoint.finalize(root, meta)
+
+    def load_checkpoint(self, path: str | Path) -> checkpoint.CheckpointMeta:
+        """Resume every rank from the newest complete checkpoint under path (or path itself)."""
+        found = checkpoint.latest(path)
+        meta = checkpoint.read_meta(found)
+        if meta.world_size != self.cfg.world_size or meta.zero_stage != self.cfg.zero_stage:
+            raise checkpoint.CheckpointError(
+                f"{found} was written by {meta.world_size} rank(s) at ZeRO-{meta.zero_stage}; this learner has "
+                f"{self.cfg.world_size} at ZeRO-{self.cfg.zero_stage}"
+            )
+        ray.get([w.load_checkpoint.remote(str(found)) for w in self.workers])
+        return meta
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []

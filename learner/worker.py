@@ -1,0 +1,194 @@
+"""One DeepSpeed data-parallel rank: model, optimizer, the training step, full weights out.
+
+A plain class so it can run in-process (world size 1, tests) or inside a Ray actor
+(learner.group). The device decides the backend: CUDA and NCCL where a GPU is visible,
+CPU (DS_ACCELERATOR=cpu) and gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from learner.batching import TrainBatch, micro_batches, trim
+from learner.checkpoint import (
+    DEEPSPEED_TAG,
+    CheckpointError,
+    WeightsOnlyCheckpointEngine,
+    load_rng,
+    save_rng,
+)
+from learner.config import LearnerConfig
+from learner.deepspeed_config import deepspeed_config
+from learner.logprobs import token_logprobs
+from vespo.objectives import compute_loss, make_config
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+class LearnerWorker:
+    def __init__(self, cfg: LearnerConfig, rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500):
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.update(
+            RANK=str(rank),
+            LOCAL_RANK="0" if not torch.cuda.is_available() else str(rank % max(torch.cuda.device_count(), 1)),
+            WORLD_SIZE=str(cfg.world_size),
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.rank = cfg, rank
+        self.objective_config = make_config(cfg.objective, cfg.objective_config)
+        torch.manual_seed(cfg.seed)
+        deepspeed.init_distributed(dist_backend=backend(), rank=rank, world_size=cfg.world_size, verbose=False)
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        warmup = cfg.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
+        )
+        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
+        self._stage0_grad_norm: float | None = None
+        if cfg.zero_stage == 0:
+            # Without ZeRO, DeepSpeed clips but does not keep the norm: record it on the way.
+            self.engine.clip_fp32_gradients = self._clip_and_record_norm
+        self.device = self.engine.device
+        self.step_count = 0
+
+    def train_step(self, batch: TrainBatch, totals: dict[str, float]) -> dict[str, float]:
+        """One optimizer step on this rank's shard; `totals` are the global token and sequence
+        counts, so every micro-batch's loss is weighted to make the sum over all micro-batches
+        and ranks exactly the objective's aggregate over the whole batch."""
+        start = time.perf_counter()
+        self.engine.train()
+        metrics = self._forward_backward(batch, totals, backward=True)
+        self.engine.step()
+        self.step_count += 1
+        elapsed = time.perf_counter() - start
+        grad_norm = self.engine.get_global_grad_norm() if self.cfg.zero_stage else self._stage0_grad_norm
+        if grad_norm is not None:
+            metrics["actor/grad_norm"] = float(grad_norm)
+        metrics["actor/lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["perf/train_tokens_per_s"] = float(batch.attention_mask.sum()) / max(elapsed, 1e-9)
+        metrics["perf/train_step_s"] = elapsed
+        return metrics
+
+    @torch.no_grad()
+    def evaluate_loss(self, batch: TrainBatch, totals: dict[str, float]) -> dict[str, float]:
+        """The objective on a batch without updating anything (for tests and monitoring)."""
+        self.engine.eval()
+        return self._forward_backward(batch, totals, backward=False)
+
+    def _forward_backward(self, batch: TrainBatch, totals: dict[str, float], backward: bool) -> dict[str, float]:
+        lengths = batch.attention_mask.sum(-1).tolist()
+        sums: dict[str, float] = {}
+        weight_total = 0.0
+        for rows in micro_batches(lengths, self.cfg.micro_batch_tokens):
+            micro = trim(batch.rows(rows))
+            logprobs = token_logprobs(
+                self.engine, micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
+            )
+            mask = micro.response_mask.to(self.device)
+            loss, metrics = compute_loss(
+                self.cfg.objective,
+                logprobs,
+                micro.behavior_logprobs.to(self.device),
+                micro.advantages.to(self.device),
+                mask,
+                self.objective_config,
+            )
+            share = self._share(micro, totals)
+            if backward:
+                self.engine.backward(loss * share * self.cfg.world_size, scale_wrt_gas=False)
+            weight = float(micro.response_mask.sum())
+            weight_total += weight
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * weight
+            sums["loss_share"] = sums.get("loss_share", 0.0) + float(loss.detach()) * share
+        out = {k: v / max(weight_total, 1.0) for k, v in sums.items() if k != "loss_share"}
+        out["actor/loss"] = sums.get("loss_share", 0.0)  # this rank's part of the batch loss
+        versions = batch.token_versions[batch.token_versions >= 0]
+        if versions.numel():
+            out["staleness/oldest_version"] = float(versions.min())
+            out["staleness/newest_version"] = float(versions.max())
+        return out
+
+    def _share(self, micro: TrainBatch, totals: dict[str, float]) -> float:
+        """This micro-batch's weight in the whole batch's aggregate (see row weights in
+        vespo.objectives.aggregation): its share of tokens for token-mean, of sequences otherwise."""
+        if self.objective_config.agg == "token-mean":
+            return float(micro.response_mask.sum()) / max(totals["tokens"], 1.0)
+        return float((micro.response_mask.sum(-1) > 0).sum()) / max(totals["sequences"], 1.0)
+
+    def _clip_and_record_norm(self) -> None:
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        norm = clip_grad_norm_(self.engine.module.parameters(), self.cfg.grad_clip, mpu=self.engine.mpu)
+        self._stage0_grad_norm = float(norm)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unpartitioned) weights on CPU; collective under ZeRO-3, so call it on every rank."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
+            return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+    def save_checkpoint(self, staged_dir: str) -> None:
+        """Write this rank's part of a checkpoint into the staging directory (see learner.checkpoint)."""
+        path = Path(staged_dir)
+        self.engine.save_checkpoint(
+            str(path / "deepspeed"), tag=DEEPSPEED_TAG, client_state={"step": self.step_count}, save_latest=False
+        )
+        save_rng(path, self.rank)
+
+    def load_checkpoint(self, checkpoint_dir: str) -> int:
+        path = Path(checkpoint_dir)
+        _, client_state = self.engine.load_checkpoint(str(path / "deepspeed"), tag=DEEPSPEED_TAG)
+        if client_state is None:
+            raise CheckpointError(f"DeepSpeed found no state to load in {path / 'deepspeed'}")
+        self.step_count = int(client_state["step"])
+        load_rng(path, self.rank)
+        return self.step_count
+
+    def version(self) -> int:
+        return self.step_count
+
+    def ping(self) -> int:
+        return self.rank
+
+
+def batch_totals(batch: TrainBatch) -> dict[str, float]:
+    mask = batch.response_mask
+    return {"tokens": float(mask.sum()), "sequences": float((mask.sum(-1) > 0).sum())}
+
+
+def shard(batch: TrainBatch, world_size: int) -> list[TrainBatch]:
+    """Round-robin over length-sorted rows, so every rank gets a similar number of tokens."""
+    order = np.argsort(batch.attention_mask.sum(-1).numpy(), kind="stable")[::-1]
+    return [batch.rows(torch.from_numpy(order[r::world_size].copy())) for r in range(world_size)]
+
+
+_MERGE = {"actor/loss": sum, "staleness/oldest_version": min, "staleness/newest_version": max}
+
+
+def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
+    """Ranks' metrics: the loss adds up (each rank holds its share), version bounds take the
+    extreme, everything else is averaged."""
+    keys = set().union(*per_rank)
+    return {k: float(_MERGE.get(k, np.mean)([m[k] for m in per_rank if k in m])) for k in sorted(keys)}
