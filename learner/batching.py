@@ -26,13 +26,19 @@ class TrainBatch:
     behavior_logprobs: torch.Tensor  # (B, L-1) float32
     advantages: torch.Tensor  # (B, L-1) float32, the sequence advantage on its response tokens
     token_versions: torch.Tensor  # (B, L-1) int64, -1 off the response
+    # (B, L-1) pi_old recomputed by the learner, for the train/inference mismatch correction
+    old_logprobs: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
         return self.input_ids.shape[0]
 
     def rows(self, index: torch.Tensor | list[int]) -> TrainBatch:
-        return TrainBatch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+        return self.map(lambda t: t[index])
+
+    def map(self, fn) -> TrainBatch:
+        """Apply fn to every tensor field (old_logprobs too, when present)."""
+        return TrainBatch(**{f: None if (v := getattr(self, f)) is None else fn(v) for f in self.__dataclass_fields__})
 
 
 def collate(trajectories: list[Trajectory], advantages: np.ndarray | torch.Tensor, pad_id: int = 0) -> TrainBatch:
@@ -83,11 +89,4 @@ def trim(batch: TrainBatch) -> TrainBatch:
     """Drop trailing columns that are padding in every row of this (micro-)batch."""
     width = int(batch.attention_mask.sum(-1).max().item()) if batch.num_rows else 1
     width = max(width, 2)
-    return TrainBatch(
-        batch.input_ids[:, :width],
-        batch.attention_mask[:, :width],
-        batch.response_mask[:, : width - 1],
-        batch.behavior_logprobs[:, : width - 1],
-        batch.advantages[:, : width - 1],
-        batch.token_versions[:, : width - 1],
-    )
+    return batch.map(lambda t: t[:, : width if t.shape[1] == batch.input_ids.shape[1] else width - 1])

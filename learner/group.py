@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 
 from buffer.trajectory import Trajectory
 from learner import checkpoint
 from learner.batching import TrainBatch, collate
 from learner.config import LearnerConfig
-from learner.worker import LearnerWorker, batch_totals, merge_metrics, shard
+from learner.worker import LearnerWorker, batch_totals, merge_metrics, shard, shard_rows
 from vespo.advantages import group_advantages
 
 
@@ -56,6 +57,15 @@ class LearnerGroup:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self._on_shards("train_step", batch)
+
+    def with_old_logprobs(self, batch: TrainBatch) -> TrainBatch:
+        """The batch with pi_old recomputed by the learner (train/inference mismatch correction)."""
+        shards = shard(batch, self.cfg.world_size)
+        parts = ray.get([w.compute_logprobs.remote(s) for w, s in zip(self.workers, shards, strict=True)])
+        old = torch.zeros_like(batch.behavior_logprobs)
+        for rank, part in enumerate(parts):
+            old[shard_rows(batch, self.cfg.world_size)[rank]] = part
+        return TrainBatch(**{**{f: getattr(batch, f) for f in batch.__dataclass_fields__}, "old_logprobs": old})
 
     def evaluate_loss(self, batch: TrainBatch) -> dict[str, float]:
         return self._on_shards("evaluate_loss", batch)

@@ -103,13 +103,21 @@ class LearnerWorker:
                 self.engine, micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
             )
             mask = micro.response_mask.to(self.device)
+            behavior, is_weights = micro.behavior_logprobs.to(self.device), None
+            if micro.old_logprobs is not None:
+                # Mismatch correction: ratios against the learner's own pi_old, and
+                # rho = pi_old / pi_sampler per token carries the engine's discrepancy.
+                old = micro.old_logprobs.to(self.device)
+                is_weights = torch.exp((old - behavior).clamp(-20.0, 20.0)) * mask + (1 - mask)
+                behavior = old
             loss, metrics = compute_loss(
                 self.cfg.objective,
                 logprobs,
-                micro.behavior_logprobs.to(self.device),
+                behavior,
                 micro.advantages.to(self.device),
                 mask,
                 self.objective_config,
+                rollout_is_weights=is_weights,
             )
             share = self._share(micro, totals)
             if backward:
@@ -123,8 +131,23 @@ class LearnerWorker:
         out["actor/loss"] = sums.get("loss_share", 0.0)  # this rank's part of the batch loss
         versions = batch.token_versions[batch.token_versions >= 0]
         if versions.numel():
+            lag = (self.step_count - versions).float()  # learner version minus sampling version, per token
             out["staleness/oldest_version"] = float(versions.min())
             out["staleness/newest_version"] = float(versions.max())
+            out["staleness/token_max"] = float(lag.max())
+            out["staleness/token_mean"] = float(lag.mean())
+            out["staleness/token_min"] = float(lag.min())
+        return out
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """pi_old: the current policy's log-probs of every token, (B, L-1), micro-batched."""
+        self.engine.eval()
+        out = torch.zeros_like(batch.behavior_logprobs)
+        for rows in micro_batches(batch.attention_mask.sum(-1).tolist(), self.cfg.micro_batch_tokens):
+            micro = trim(batch.rows(rows))
+            lp = token_logprobs(self.engine, micro.input_ids.to(self.device), micro.attention_mask.to(self.device))
+            out[torch.tensor(rows).unsqueeze(-1), torch.arange(lp.shape[1])] = lp.float().cpu()
         return out
 
     def _share(self, micro: TrainBatch, totals: dict[str, float]) -> float:
@@ -178,13 +201,23 @@ def batch_totals(batch: TrainBatch) -> dict[str, float]:
     return {"tokens": float(mask.sum()), "sequences": float((mask.sum(-1) > 0).sum())}
 
 
-def shard(batch: TrainBatch, world_size: int) -> list[TrainBatch]:
-    """Round-robin over length-sorted rows, so every rank gets a similar number of tokens."""
+def shard_rows(batch: TrainBatch, world_size: int) -> list[torch.Tensor]:
+    """Row indices per rank: round-robin over length-sorted rows, so ranks get similar token counts."""
     order = np.argsort(batch.attention_mask.sum(-1).numpy(), kind="stable")[::-1]
-    return [batch.rows(torch.from_numpy(order[r::world_size].copy())) for r in range(world_size)]
+    return [torch.from_numpy(order[r::world_size].copy()) for r in range(world_size)]
 
 
-_MERGE = {"actor/loss": sum, "staleness/oldest_version": min, "staleness/newest_version": max}
+def shard(batch: TrainBatch, world_size: int) -> list[TrainBatch]:
+    return [batch.rows(rows) for rows in shard_rows(batch, world_size)]
+
+
+_MERGE = {
+    "actor/loss": sum,
+    "staleness/oldest_version": min,
+    "staleness/newest_version": max,
+    "staleness/token_max": max,
+    "staleness/token_min": min,
+}
 
 
 def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:

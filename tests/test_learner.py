@@ -75,6 +75,9 @@ def test_resume_reproduces_the_next_steps_exactly(ray_cluster, model_dir, tmp_pa
     group = make_group(model_dir, zero_stage=2, warmup_steps=2)
     try:
         tensors = [group.make_batch(b) for b in batches]
+        corrected = group.with_old_logprobs(tensors[0])
+        plain_loss = group.evaluate_loss(tensors[0])["actor/loss"]
+        corrected_metrics = group.evaluate_loss(corrected)
         group.train_step(tensors[0])
         buffer_state = {"trajectories": 7}
         path = group.save_checkpoint(
@@ -83,6 +86,14 @@ def test_resume_reproduces_the_next_steps_exactly(ray_cluster, model_dir, tmp_pa
         expected = [group.train_step(t)["actor/loss"] for t in tensors[1:]]
     finally:
         group.shutdown()
+    # pi_old is the learner's own policy: the decomposition pi/pi_old * pi_old/mu leaves W, and
+    # so the loss, unchanged, while the mismatch term carries the engine's discrepancy
+    assert corrected_metrics["actor/loss"] == pytest.approx(plain_loss, rel=1e-5)
+    assert abs(corrected_metrics["vespo/mismatch_s_mean"]) > 0
+    reference = AutoModelForCausalLM.from_pretrained(model_dir)
+    expected_old = token_logprobs(reference, tensors[0].input_ids, tensors[0].attention_mask).detach()
+    mask = tensors[0].response_mask > 0
+    torch.testing.assert_close(corrected.old_logprobs[mask], expected_old[mask], rtol=1e-5, atol=1e-5)
     assert latest(tmp_path) == path
     assert json.loads((path / "buffer" / "state.json").read_text()) == buffer_state
     assert (path / "model" / "model.safetensors").exists() and (path / "model" / "config.json").exists()
