@@ -1,7 +1,7 @@
 """Forward+backward time of each objective against plain token-mean REINFORCE.
 
 Prints one table of ratios measured in this one run (machines are noisy; compare ratios,
-not absolute times). Run: .venv/bin/python bench/objectives.py [--batch 256 --tokens 4096]
+not absolute times). Run: .venv/bin/python -m bench.objectives [--batch 256 --tokens 4096]
 """
 
 from __future__ import annotations

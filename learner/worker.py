@@ -76,7 +76,9 @@ class LearnerWorker:
         start = time.perf_counter()
         self.engine.train()
         metrics = self._forward_backward(batch, totals, backward=True)
+        t_step = time.perf_counter()
         self.engine.step()
+        metrics["perf/optimizer_s"] = time.perf_counter() - t_step
         self.step_count += 1
         elapsed = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm() if self.cfg.zero_stage else self._stage0_grad_norm
@@ -97,11 +99,14 @@ class LearnerWorker:
         lengths = batch.attention_mask.sum(-1).tolist()
         sums: dict[str, float] = {}
         weight_total = 0.0
+        clock = {"perf/forward_s": 0.0, "perf/objective_s": 0.0, "perf/backward_s": 0.0}
         for rows in micro_batches(lengths, self.cfg.micro_batch_tokens):
             micro = trim(batch.rows(rows))
+            t0 = time.perf_counter()
             logprobs = token_logprobs(
                 self.engine, micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
             )
+            t1 = time.perf_counter()
             mask = micro.response_mask.to(self.device)
             behavior, is_weights = micro.behavior_logprobs.to(self.device), None
             if micro.old_logprobs is not None:
@@ -120,8 +125,13 @@ class LearnerWorker:
                 rollout_is_weights=is_weights,
             )
             share = self._share(micro, totals)
+            t2 = time.perf_counter()
             if backward:
                 self.engine.backward(loss * share * self.cfg.world_size, scale_wrt_gas=False)
+            # Host-side times: on GPU they include waits for queued kernels (metrics sync each step).
+            clock["perf/forward_s"] += t1 - t0
+            clock["perf/objective_s"] += t2 - t1
+            clock["perf/backward_s"] += time.perf_counter() - t2
             weight = float(micro.response_mask.sum())
             weight_total += weight
             for k, v in metrics.items():
@@ -129,6 +139,7 @@ class LearnerWorker:
             sums["loss_share"] = sums.get("loss_share", 0.0) + float(loss.detach()) * share
         out = {k: v / max(weight_total, 1.0) for k, v in sums.items() if k != "loss_share"}
         out["actor/loss"] = sums.get("loss_share", 0.0)  # this rank's part of the batch loss
+        out.update(clock)
         versions = batch.token_versions[batch.token_versions >= 0]
         if versions.numel():
             lag = (self.step_count - versions).float()  # learner version minus sampling version, per token
