@@ -1,0 +1,43 @@
+from rich.console import Console
+from wandb_offline import read_run
+
+from vespo.run_logger import RunLogger, WandbConfig, redact
+
+
+def test_redact_hides_secrets_at_any_depth():
+    cfg = {"wandb": {"api_key": "abc", "project": "p"}, "hf_token": "t", "lr": 1.0, "list": [{"secret": 1}]}
+    assert redact(cfg) == {
+        "wandb": {"api_key": "<redacted>", "project": "p"},
+        "hf_token": "<redacted>",
+        "lr": 1.0,
+        "list": [{"secret": "<redacted>"}],
+    }
+
+
+def test_offline_run_records_metrics_and_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "should-never-appear")
+    console = Console(record=True, width=200)
+    logger = RunLogger(WandbConfig(mode="offline", dir=str(tmp_path)), {"lr": 0.1, "api_key": "x"}, console)
+    for step in range(3):
+        logger.log({"reward/mean": 0.1 * step, "actor/loss": 1.0 - step}, step, {"staleness/hist": [0, 1, 1, 2]})
+    where = logger.location
+    logger.finish()
+    history, config = read_run(next((tmp_path / "wandb").glob("offline-run-*")))
+    assert [row["reward/mean"] for row in history] == [0.0, 0.1, 0.2]
+    assert [row["actor/loss"] for row in history] == [1.0, 0.0, -1.0]
+    assert all(sum(row["staleness/hist/values"]) == 4 for row in history)  # a histogram of the 4 values
+    assert config["lr"] == 0.1 and config["api_key"] == "<redacted>"
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert b"should-never-appear" not in f.read_bytes(), f
+    assert "step 2" in console.export_text() and str(tmp_path) in where
+
+
+def test_disabled_logs_to_console_only(tmp_path):
+    console = Console(record=True, width=200)
+    logger = RunLogger(WandbConfig(mode="disabled", dir=str(tmp_path)), {}, console)
+    logger.log({"reward/mean": 0.5}, 7)
+    logger.finish()
+    text = console.export_text()
+    assert "step 7" in text and "mean=0.5" in text
+    assert not any(tmp_path.iterdir())
