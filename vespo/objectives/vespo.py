@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from vespo.objectives.aggregation import check_agg_mode, row_weights
+from vespo.objectives.autotune import ess, shape_scale
 from vespo.objectives.fused import RowScaledLogLik
 from vespo.objectives.inputs import LOG_RATIO_CLAMP, PolicyBatch
 from vespo.objectives.metrics import policy_metrics, row_stats, split_means, to_numpy
@@ -42,6 +43,9 @@ class VespoConfig:
     # Negative-advantage sequences with W above this are the ones that can push a good
     # policy down hard; their count and max W are logged as an early warning.
     neg_w_noise_threshold: float = 2.0
+    # If set, (k, lambda) of both shapes are scaled by one factor per batch, the largest that
+    # keeps the normalised ESS of phi at or above this target (vespo.objectives.autotune).
+    target_ess: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("k_pos", "k_neg", "lambda_pos", "lambda_neg"):
@@ -49,6 +53,15 @@ class VespoConfig:
             if not value >= 0:
                 raise ValueError(f"VESPO {name} must be >= 0, got {value}")
         check_agg_mode(self.agg)
+        if self.target_ess is not None and not 0 < self.target_ess <= 1:
+            raise ValueError(f"VESPO target_ess must be in (0, 1], got {self.target_ess}")
+
+
+def log_phi(s: np.ndarray, k: np.ndarray | float, lam: np.ndarray | float) -> np.ndarray:
+    """log phi(W) = lambda + k s - lambda exp(s), s clamped to [-20, 20], lambda floored at 1e-4."""
+    s = np.clip(np.asarray(s, dtype=np.float64), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    lam = np.maximum(lam, LAMBDA_FLOOR)
+    return lam + k * s - lam * np.exp(s)
 
 
 def phi(s: np.ndarray | float, k: np.ndarray | float, lam: np.ndarray | float) -> np.ndarray:
@@ -57,10 +70,8 @@ def phi(s: np.ndarray | float, k: np.ndarray | float, lam: np.ndarray | float) -
     In log space: log phi = lambda + k s - lambda exp(s), with s clamped to [-20, 20] and
     lambda floored at 1e-4; NaN or inf (from NaN inputs) becomes 0.
     """
-    s = np.clip(np.asarray(s, dtype=np.float64), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    lam = np.maximum(lam, LAMBDA_FLOOR)
     # exp(709) is the float64 limit: capping the log keeps huge user k finite; NaN stays NaN.
-    out = np.exp(np.minimum(lam + k * s - lam * np.exp(s), 700.0))
+    out = np.exp(np.minimum(log_phi(s, k, lam), 700.0))
     return np.where(np.isfinite(out), out, 0.0)
 
 
@@ -76,7 +87,14 @@ def vespo_objective(
     # The mismatch term turns W = pi/pi_old into pi/pi_sampler; clamp after all terms are in.
     s = np.clip(s_pi_mu if mismatch is None else s_pi_mu + mismatch, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     pos = seq_adv >= 0
-    weight = phi(s, np.where(pos, config.k_pos, config.k_neg), np.where(pos, config.lambda_pos, config.lambda_neg))
+    valid = lengths > 0
+    k = np.where(pos, config.k_pos, config.k_neg)
+    lam = np.where(pos, config.lambda_pos, config.lambda_neg)
+    scale = 1.0
+    if config.target_ess is not None:
+        base = log_phi(s[valid], k[valid], lam[valid])
+        scale = shape_scale(np.where(np.isfinite(base), base, -np.inf), config.target_ess)
+    weight = phi(s, k * scale, np.maximum(lam, LAMBDA_FLOOR) * scale)
 
     # loss = sum_bt coef_bt log pi_bt with coef = -phi_b * w_b * A_bt * m_bt, where w_b is the
     # aggregation's row weight: linear in log pi, so its gradient is exactly coef.
@@ -89,7 +107,7 @@ def vespo_objective(
         loss = weighted_loglik(batch.logprobs, batch.masked_advantages(row_coef))
 
     metrics = policy_metrics(loss, lengths, s_pi_mu)
-    metrics.update(_vespo_metrics(config, lengths > 0, s, weight, pos, mismatch))
+    metrics.update(_vespo_metrics(config, valid, s, weight, pos, mismatch, scale))
     return loss, metrics
 
 
@@ -106,6 +124,7 @@ def _vespo_metrics(
     weight: np.ndarray,
     pos: np.ndarray,
     mismatch: np.ndarray | None,
+    scale: float,
 ) -> dict[str, float]:
     w = np.exp(s)
     is_pos, is_neg = valid & pos, valid & ~pos
@@ -119,8 +138,10 @@ def _vespo_metrics(
     out["vespo/W_std"] = float(np.sqrt(max((w * w) @ valid / max(n_valid, 1.0) - out["vespo/W_mean"] ** 2, 0.0)))
     out["vespo/W_neg_high_max"] = float(np.where(neg_high, w, 0.0).max()) if n_high else 0.0
     out["vespo/n_pos"], out["vespo/n_neg"], out["vespo/n_neg_high_W"] = n_pos, n_neg, n_high
-    out["vespo/k_pos"] = float(config.k_pos)
-    out["vespo/lambda_pos"] = float(config.lambda_pos)
-    out["vespo/k_neg"] = float(config.k_neg)
-    out["vespo/lambda_neg"] = float(config.lambda_neg)
+    out["vespo/k_pos"] = float(config.k_pos) * scale
+    out["vespo/lambda_pos"] = max(config.lambda_pos, LAMBDA_FLOOR) * scale
+    out["vespo/k_neg"] = float(config.k_neg) * scale
+    out["vespo/lambda_neg"] = max(config.lambda_neg, LAMBDA_FLOOR) * scale
+    out["vespo/shape_scale"] = scale
+    out["vespo/ess"] = ess(weight[valid]) if n_valid else 0.0
     return out
