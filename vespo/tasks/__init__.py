@@ -1,0 +1,1 @@
+"""Toy tasks: prompt generators with verifiable rewards."""
