@@ -1,0 +1,277 @@
+"""The staleness-tagged replay buffer between rollout engines and the learner.
+
+Guarantees, each tested: a trajectory put here is, at every moment, either held, returned
+exactly once in a batch, or dropped for staleness and counted; groups are returned whole and
+oldest first; nothing returned is staler than max_staleness under the drop policy; a full
+buffer makes producers wait or raises BufferFull, it never discards data; a snapshot
+restores the exact state. Thread-safe: one lock and one condition, so the same object serves
+many producer threads or a threaded Ray actor (buffer.actor).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+from buffer.config import BufferConfig
+from buffer.staleness import downweight, group_staleness, may_start
+from buffer.trajectory import Trajectory
+
+SNAPSHOT_FILE = "buffer.msgpack"
+
+
+class BufferFull(RuntimeError):
+    """The buffer is at capacity and the producer's wait ran out; nothing was stored."""
+
+
+@dataclass
+class Batch:
+    """Whole groups for one learner step, oldest first."""
+
+    trajectories: list[Trajectory]
+    weights: list[float]  # 1.0, or < 1 for down-weighted stale groups
+    staleness: list[int]  # per trajectory, at the version the batch was taken for
+    version: int
+
+    @property
+    def num_groups(self) -> int:
+        return len({t.group_id for t in self.trajectories})
+
+
+@dataclass
+class _Counters:
+    put: int = 0
+    returned: int = 0
+    dropped_stale: int = 0
+    dropped_groups: int = 0
+    started_groups: int = 0
+    put_wait_s: float = 0.0
+    get_wait_s: float = 0.0
+
+
+@dataclass
+class _State:
+    incomplete: dict[str, list[Trajectory]] = field(default_factory=dict)
+    ready: dict[str, list[Trajectory]] = field(default_factory=dict)
+    # complete groups as (oldest token version, arrival, group id): the oldest (and stalest) on top
+    heap: list[tuple[int, int, str]] = field(default_factory=list)
+    oldest: dict[str, int] = field(default_factory=dict)  # per held group, min token version so far
+    arrivals: int = 0
+    seen: set[str] = field(default_factory=set)  # every traj_id ever accepted
+    dropped: set[str] = field(default_factory=set)  # group ids dropped while incomplete
+    held: int = 0
+
+
+class ReplayBuffer:
+    def __init__(self, cfg: BufferConfig | None = None):
+        self.cfg = cfg or BufferConfig()
+        self._state = _State()
+        self._counters = _Counters()
+        self._last_staleness: list[int] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+
+    # --- producers ------------------------------------------------------------------------------
+
+    def put(self, trajectory: Trajectory, timeout: float | None = 0.0) -> None:
+        self.put_many([trajectory], timeout)
+
+    def put_many(self, trajectories: list[Trajectory], timeout: float | None = 0.0) -> None:
+        """Store all or none: waits up to `timeout` seconds (None: forever) for room, then
+        raises BufferFull. A traj_id seen before is refused (ValueError): no double counting."""
+        with self._changed:
+            ids = [t.traj_id for t in trajectories]
+            if len(set(ids)) != len(ids) or self._state.seen.intersection(ids):
+                dup = sorted(set(i for i in ids if ids.count(i) > 1) | self._state.seen.intersection(ids))
+                raise ValueError(f"trajectories already in the buffer's history: {dup[:5]}")
+            start = time.perf_counter()
+            room = self._changed.wait_for(lambda: self._state.held + len(trajectories) <= self.cfg.capacity, timeout)
+            self._counters.put_wait_s += time.perf_counter() - start
+            if not room:
+                raise BufferFull(
+                    f"buffer holds {self._state.held} of {self.cfg.capacity} trajectories; "
+                    f"{len(trajectories)} more do not fit (is the learner consuming?)"
+                )
+            for t in trajectories:
+                self._add(t)
+            self._changed.notify_all()
+
+    def may_start(self, current_version: int, n_groups: int = 1) -> bool:
+        """Admission: True (and the groups are counted as started) if generating n_groups more
+        groups now keeps them within max_staleness versions of the learner."""
+        with self._lock:
+            live = self._counters.started_groups - self._counters.dropped_groups
+            if not may_start(live + n_groups - 1, current_version, self.cfg.max_staleness, self.cfg.groups_per_step):
+                return False
+            self._counters.started_groups += n_groups
+            return True
+
+    # --- the learner --------------------------------------------------------------------------
+
+    def get_batch(self, n_groups: int, current_version: int, timeout: float | None = 0.0) -> Batch | None:
+        """n_groups whole groups, oldest first, none staler than the cap (drop policy). Waits up to
+        `timeout` seconds (None: forever) for enough fresh complete groups; None if they never come."""
+        with self._changed:
+            start = time.perf_counter()
+            ok = self._changed.wait_for(lambda: self._fresh_ready(current_version) >= n_groups, timeout)
+            self._counters.get_wait_s += time.perf_counter() - start
+            if not ok:
+                return None
+            return self._take(n_groups, current_version)
+
+    def _fresh_ready(self, version: int) -> int:
+        """Drops over-stale groups, complete or not (drop policy), and counts the usable ones.
+        The heap keeps the stalest complete group on top, so this is cheap on every call."""
+        st, cap = self._state, self.cfg.max_staleness
+        if self.cfg.stale_policy == "drop":
+            while st.heap and version - st.heap[0][0] > cap:
+                self._drop_ready(heapq.heappop(st.heap)[2])
+            self._drop_stale_incomplete(version)
+        return len(st.ready)
+
+    def _take(self, n_groups: int, version: int) -> Batch:
+        trajs, weights, stale = [], [], []
+        for _ in range(n_groups):
+            gid = heapq.heappop(self._state.heap)[2]
+            group = self._state.ready.pop(gid)
+            del self._state.oldest[gid]
+            excess = group_staleness(group, version) - self.cfg.max_staleness
+            weight = downweight(excess, self.cfg.downweight_decay) if self.cfg.stale_policy == "downweight" else 1.0
+            for t in group:
+                trajs.append(t)
+                weights.append(weight)
+                stale.append(t.staleness(version))
+        self._state.held -= len(trajs)
+        self._counters.returned += len(trajs)
+        self._last_staleness = stale
+        self._changed.notify_all()
+        return Batch(trajs, weights, stale, version)
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    def _add(self, t: Trajectory) -> None:
+        self._state.seen.add(t.traj_id)
+        self._counters.put += 1
+        if t.group_id in self._state.dropped:  # the rest of its group is gone: it cannot be trained on
+            self._counters.dropped_stale += 1
+            return
+        st = self._state
+        group = st.incomplete.setdefault(t.group_id, [])
+        group.append(t)
+        st.oldest[t.group_id] = min(st.oldest.get(t.group_id, t.oldest_version()), t.oldest_version())
+        st.held += 1
+        if len(group) >= t.group_size:
+            self._complete(t.group_id, st.incomplete.pop(t.group_id))
+
+    def _complete(self, gid: str, group: list[Trajectory]) -> None:
+        st = self._state
+        st.ready[gid] = group
+        heapq.heappush(st.heap, (st.oldest[gid], st.arrivals, gid))
+        st.arrivals += 1
+
+    def _drop_ready(self, gid: str) -> None:
+        group = self._state.ready.pop(gid)
+        del self._state.oldest[gid]
+        self._state.held -= len(group)
+        self._counters.dropped_stale += len(group)
+        self._counters.dropped_groups += 1
+        self._changed.notify_all()
+
+    def _drop_stale_incomplete(self, version: int) -> None:
+        """Incomplete groups already over the cap can never be trained on: free their room now;
+        their late members are dropped (and counted) on arrival."""
+        st, cap = self._state, self.cfg.max_staleness
+        for gid in [g for g in st.incomplete if version - st.oldest[g] > cap]:
+            group = st.incomplete.pop(gid)
+            del st.oldest[gid]
+            self._state.dropped.add(gid)
+            self._state.held -= len(group)
+            self._counters.dropped_stale += len(group)
+            self._counters.dropped_groups += 1
+            self._changed.notify_all()
+
+    def held_ids(self) -> set[str]:
+        with self._lock:
+            groups = list(self._state.incomplete.values()) + list(self._state.ready.values())
+            return {t.traj_id for g in groups for t in g}
+
+    def metrics(self) -> dict[str, float]:
+        with self._lock:
+            c, s = self._counters, self._state
+            out = {
+                "buffer/occupancy": s.held / self.cfg.capacity,
+                "buffer/held": float(s.held),
+                "buffer/ready_groups": float(len(s.ready)),
+                "buffer/incomplete_groups": float(len(s.incomplete)),
+                "buffer/put_total": float(c.put),
+                "buffer/returned_total": float(c.returned),
+                "buffer/dropped_stale": float(c.dropped_stale),
+                "buffer/dropped_groups": float(c.dropped_groups),
+                "buffer/put_wait_s": c.put_wait_s,
+                "buffer/get_wait_s": c.get_wait_s,
+            }
+            if self._last_staleness:
+                st = np.asarray(self._last_staleness)
+                out.update({"buffer/staleness_min": float(st.min()), "buffer/staleness_mean": float(st.mean())})
+                out["buffer/staleness_max"] = float(st.max())
+            return out
+
+    def staleness_histogram(self) -> dict[int, int]:
+        """Trajectories of the last batch per staleness value."""
+        with self._lock:
+            values, counts = np.unique(np.asarray(self._last_staleness, dtype=int), return_counts=True)
+            return {int(v): int(n) for v, n in zip(values, counts, strict=True)}
+
+    # --- snapshot -----------------------------------------------------------------------------
+
+    def snapshot(self, directory: str | Path) -> Path:
+        """Write the whole state to directory/buffer.msgpack atomically (msgpack, no pickle)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            payload = {
+                "format": 1,
+                "incomplete": {g: [t.to_dict() for t in ts] for g, ts in self._state.incomplete.items()},
+                "ready": [[g, [t.to_dict() for t in self._state.ready[g]]] for *_, g in sorted(self._state.heap)],
+                "seen": sorted(self._state.seen),
+                "dropped": sorted(self._state.dropped),
+                "counters": vars(self._counters).copy(),
+                "last_staleness": list(self._last_staleness),
+            }
+        path = directory / SNAPSHOT_FILE
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(msgpack.packb(payload, use_bin_type=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def restore(cls, directory: str | Path, cfg: BufferConfig | None = None) -> ReplayBuffer:
+        path = Path(directory) / SNAPSHOT_FILE
+        try:
+            payload = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+        except (OSError, ValueError, msgpack.ExtraData) as err:
+            raise ValueError(f"cannot restore the buffer from {path}: {err}") from err
+        buf = cls(cfg)
+        st = buf._state
+        for gid, ts in payload["incomplete"].items():
+            st.incomplete[gid] = [Trajectory.from_dict(d) for d in ts]
+            st.oldest[gid] = min(t.oldest_version() for t in st.incomplete[gid])
+        for gid, ts in payload["ready"]:
+            group = [Trajectory.from_dict(d) for d in ts]
+            st.oldest[gid] = min(t.oldest_version() for t in group)
+            buf._complete(gid, group)
+        st.seen, st.dropped = set(payload["seen"]), set(payload["dropped"])
+        st.held = sum(map(len, st.incomplete.values())) + sum(map(len, st.ready.values()))
+        buf._counters = _Counters(**payload["counters"])
+        buf._last_staleness = list(payload["last_staleness"])
+        return buf
