@@ -1,0 +1,45 @@
+"""The stream of prompts fed to the engines: shuffled epochs over a task's split, resumable.
+
+Each prompt handed out becomes one group (its n samples); the group id names the epoch and
+position, so it is unique for the run and the stream can resume exactly from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from vespo.tasks.registry import TaskSample
+
+
+@dataclass
+class PromptStreamState:
+    epoch: int = 0
+    position: int = 0
+
+
+class PromptStream:
+    def __init__(self, samples: list[TaskSample], seed: int = 0, state: PromptStreamState | None = None):
+        if not samples:
+            raise ValueError("the task has no training prompts")
+        self.samples, self.seed = samples, seed
+        self.state = state or PromptStreamState()
+        self._order = self._shuffled(self.state.epoch)
+
+    def next(self) -> tuple[str, TaskSample]:
+        """(group id, sample) of the next prompt."""
+        if self.state.position >= len(self._order):
+            self.state = PromptStreamState(self.state.epoch + 1, 0)
+            self._order = self._shuffled(self.state.epoch)
+        sample = self.samples[self._order[self.state.position]]
+        gid = f"e{self.state.epoch}-p{self.state.position}-{sample.id}"
+        self.state.position += 1
+        return gid, sample
+
+    def take(self, n: int) -> list[tuple[str, TaskSample]]:
+        return [self.next() for _ in range(n)]
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.samples)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
