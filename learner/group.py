@@ -112,6 +112,22 @@ class LearnerGroup:
         ray.get([w.load_checkpoint.remote(str(found)) for w in self.workers])
         return meta
 
+    def open_weight_sync(self, num_receivers: int, bucket_bytes: int = 64 << 20) -> tuple[str, int]:
+        """Start hosting the weight group on rank 0; receivers join the returned address as
+        ranks 1..num_receivers, then call connect_weight_sync() (it waits for them)."""
+        return ray.get(self.workers[0].open_weight_sync.remote(num_receivers, bucket_bytes))
+
+    def connect_weight_sync(self):
+        """An ObjectRef that completes when every receiver has joined."""
+        return self.workers[0].connect_weight_sync.remote()
+
+    def weight_plan(self) -> list:
+        return ray.get(self.workers[0].weight_plan.remote())
+
+    def broadcast_weights(self, wire_plan: list) -> list:
+        """ObjectRefs of one broadcast: start the receivers with the same plan, then ray.get these."""
+        return [w.broadcast_weights.remote(wire_plan) for w in self.workers]
+
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)

@@ -200,6 +200,52 @@ class LearnerWorker:
         load_rng(path, self.rank)
         return self.step_count
 
+    # --- weight broadcast to the rollout engines (learner.weight_broadcast) -------------------
+
+    def open_weight_sync(self, num_receivers: int, bucket_bytes: int) -> tuple[str, int]:
+        """Rank 0 hosts the weight group; returns the address receivers join."""
+        from learner.weight_broadcast import WeightBroadcaster
+
+        self.broadcaster = WeightBroadcaster(num_receivers, bucket_bytes=bucket_bytes, device=self.device)
+        return self.broadcaster.address
+
+    def connect_weight_sync(self) -> None:
+        self.broadcaster.connect()
+
+    def weight_plan(self) -> list:
+        """The bucket layout of the full weights (names, dtypes, unpartitioned shapes)."""
+        from learner.weight_broadcast import TensorSpec, plan_buckets, plan_to_wire
+
+        specs = [
+            TensorSpec(n, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
+            for n, p in self.engine.module.named_parameters()
+        ]
+        return plan_to_wire(plan_buckets(specs, self.broadcaster.bucket_bytes))
+
+    def broadcast_weights(self, wire_plan: list) -> dict[str, float]:
+        """Send the full weights to every receiver. Collective on all ranks under ZeRO-3 (each
+        parameter is gathered in turn, so no rank ever holds the whole model at once); only
+        rank 0 sends."""
+        from learner.weight_broadcast import plan_from_wire
+
+        stats = None
+        named = self._gathered_parameters()
+        if self.rank == 0:
+            stats = self.broadcaster.broadcast(named, plan_from_wire(wire_plan))
+        else:
+            for _ in named:  # take part in the gathers
+                pass
+        if stats is None:
+            return {}
+        return {"sync/bytes": float(stats.bytes), "sync/seconds": stats.seconds, "sync/bytes_per_s": stats.bytes_per_s}
+
+    def _gathered_parameters(self):
+        import deepspeed
+
+        for name, param in self.engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], enabled=self.cfg.zero_stage == 3):
+                yield name, param.detach()
+
     def version(self) -> int:
         return self.step_count
 
