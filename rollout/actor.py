@@ -1,0 +1,221 @@
+"""The rollout engine as a Ray actor: prompts in, scored and version-tagged trajectories out.
+
+An async actor: many groups are in flight at once (vLLM batches them), and weight updates are
+served while generation runs. A bad prompt (empty, over-long) is refused with a clear error
+for that prompt only; the actor keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from buffer import columnar
+from buffer.trajectory import Trajectory
+from rollout.config import RolloutConfig
+from rollout.engine import Engine, start_engine
+from rollout.records import Completion, PromptItem, RolloutResult
+from vespo.tasks.registry import TaskConfig, TaskSample, make_task, score
+
+log = logging.getLogger(__name__)
+
+
+class PromptError(ValueError):
+    """A prompt this engine cannot take; the message says why."""
+
+
+@dataclass
+class RolloutStats:
+    groups: int = 0
+    trajectories: int = 0
+    tokens: int = 0
+    generate_s: float = 0.0
+    prompt_errors: int = 0
+    reward_errors: int = 0
+    weight_updates: int = 0
+    weight_bytes: int = 0
+    weight_s: float = 0.0
+    push_wait_s: float = 0.0
+    last_error: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class RolloutActor:
+    def __init__(self, cfg: RolloutConfig, task: TaskConfig | None = None, engine_id: str = "engine-0", buffer=None):
+        self.cfg = cfg
+        self.engine_id = engine_id
+        self.task = make_task(task) if task is not None else None
+        self.buffer = buffer
+        self.engine: Engine | None = None
+        self.stats = RolloutStats()
+        self._background: set[asyncio.Task] = set()
+        self._counter = 0
+
+    async def start(self) -> dict:
+        """Start the engine (minutes on a big GPU model); returns what was started."""
+        from transformers import AutoTokenizer
+
+        logging.basicConfig(level=logging.INFO)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model_path)
+        started = time.perf_counter()
+        self.engine = await start_engine(self.cfg)
+        return {"engine_id": self.engine_id, "backend": self.engine.name, "startup_s": time.perf_counter() - started,
+                "receivers": self.engine.num_receivers}  # fmt: skip
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def encode(self, item: PromptItem) -> list[int]:
+        ids = self.tokenizer(item.text, add_special_tokens=False)["input_ids"] if item.text else []
+        if not ids:
+            raise PromptError(f"prompt of group {item.group_id!r} is empty")
+        if len(ids) > self.cfg.max_prompt_tokens:
+            raise PromptError(
+                f"prompt of group {item.group_id!r} has {len(ids)} tokens, more than the {self.cfg.max_prompt_tokens} "
+                f"allowed (rollout.max_model_len {self.cfg.max_model_len} - max_new_tokens {self.cfg.max_new_tokens})"
+            )
+        return ids
+
+    async def generate(self, items: list[PromptItem], n: int | None = None) -> RolloutResult:
+        """Sample n responses for each prompt, concurrently; returns the scored trajectories."""
+        started = time.perf_counter()
+        result = RolloutResult()
+        outcomes = await asyncio.gather(*(self._group(item, n or self.cfg.n) for item in items), return_exceptions=True)
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                result.errors[item.group_id] = f"{type(outcome).__name__}: {outcome}"
+                self.stats.last_error = result.errors[item.group_id]
+                self.stats.prompt_errors += isinstance(outcome, PromptError)
+                if not isinstance(outcome, PromptError):
+                    log.error("group %s failed: %s", item.group_id, result.errors[item.group_id])
+            else:
+                result.trajectories.extend(outcome)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    async def submit(self, items: list[PromptItem], n: int | None = None) -> int:
+        """Generate in the background and push each finished group to the buffer (waiting for
+        room there: backpressure, not loss). Returns how many groups are now in flight."""
+        if self.buffer is None:
+            raise RuntimeError("submit needs the actor to be created with a buffer handle")
+        for item in items:
+            task = asyncio.create_task(self._group_to_buffer(item, n or self.cfg.n))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return len(self._background)
+
+    def set_buffer(self, buffer) -> None:
+        self.buffer = buffer
+
+    async def in_flight(self) -> int:
+        return len(self._background)
+
+    async def drain(self) -> None:
+        """Wait until every submitted group is in the buffer (or reported failed)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def _group_to_buffer(self, item: PromptItem, n: int) -> None:
+        result = await self.generate([item], n)
+        if result.trajectories:
+            waited = time.perf_counter()
+            await self.buffer.put_packed.remote(columnar.pack(result.trajectories), None)
+            self.stats.push_wait_s += time.perf_counter() - waited
+
+    async def _group(self, item: PromptItem, n: int) -> list[Trajectory]:
+        prompt_ids = self.encode(item)
+        self._counter += 1
+        started = time.perf_counter()
+        completions = await self.engine.generate(prompt_ids, n, f"{self.engine_id}-{self._counter}-{item.group_id}")
+        generated = time.perf_counter() - started
+        trajs = [self._trajectory(item, prompt_ids, i, c, n, generated) for i, c in enumerate(completions)]
+        self.stats.groups += 1
+        self.stats.trajectories += len(trajs)
+        self.stats.tokens += sum(len(c.token_ids) for c in completions)
+        self.stats.generate_s += generated
+        return trajs
+
+    def _trajectory(self, item: PromptItem, prompt_ids: list[int], i: int, c: Completion, n: int, gen_s: float):
+        started = time.perf_counter()
+        reward, reward_error = 0.0, None
+        if self.task is not None:
+            text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            scored = score(self.task, text, TaskSample(item.sample_id, item.text, item.answer))
+            reward, reward_error = scored.value, scored.error
+            self.stats.reward_errors += reward_error is not None
+        extra = {"sample_id": item.sample_id, "answer": item.answer, **item.extra}
+        if reward_error:
+            extra["reward_error"] = reward_error
+        return Trajectory(
+            traj_id=f"{item.group_id}/{i}",
+            group_id=item.group_id,
+            group_size=n,
+            prompt_ids=prompt_ids,
+            response_ids=c.token_ids,
+            behavior_logprobs=c.logprobs,
+            token_versions=c.versions,
+            version_start=c.version_start,
+            version_end=c.version_end,
+            reward=reward,
+            finish_reason=c.finish_reason,
+            engine_id=self.engine_id,
+            timings={"generate": gen_s, "reward": time.perf_counter() - started},
+            extra=extra,
+        )
+
+    # -- weights ------------------------------------------------------------------------------
+
+    async def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> None:
+        """Join the learner's weight group as ranks rank_offset .. rank_offset + receivers - 1."""
+        await self.engine.init_weight_group(host, port, rank_offset, world_size, backend)
+
+    async def receive_weights(self, plan_wire: list, version: int) -> dict:
+        """Take part in one broadcast from the learner and switch to `version`."""
+        started = time.perf_counter()
+        received = await self.engine.receive_weights(plan_wire, version)
+        return self._updated(received, time.perf_counter() - started)
+
+    async def load_weights(self, named: list[tuple[str, torch.Tensor]] | dict, version: int) -> dict:
+        """The object-store fallback: weights passed by value (a Ray object ref resolves to them)."""
+        started = time.perf_counter()
+        pairs = list(named.items()) if isinstance(named, dict) else list(named)
+        await self.engine.load_weights(pairs, version)
+        received = sum(t.numel() * t.element_size() for _, t in pairs)
+        return self._updated(received, time.perf_counter() - started)
+
+    def _updated(self, received: int, seconds: float) -> dict:
+        self.stats.weight_updates += 1
+        self.stats.weight_bytes += received
+        self.stats.weight_s += seconds
+        return {"version": self.engine.version, "bytes": received, "seconds": seconds}
+
+    async def weights(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        return await self.engine.weights(names)
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def backend(self) -> str:
+        return self.engine.name
+
+    def get_stats(self) -> RolloutStats:
+        return self.stats
+
+    async def shutdown(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+
+def rollout_actor(
+    cfg: RolloutConfig, task: TaskConfig | None = None, engine_id: str = "engine-0", buffer=None, **options
+):
+    """A started-later RolloutActor handle (call `start` and wait for it before anything else)."""
+    import ray
+
+    remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_concurrency=1000)(RolloutActor)
+    return remote.options(**options).remote(cfg, task, engine_id, buffer)

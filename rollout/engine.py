@@ -1,0 +1,81 @@
+"""The engine interface, and the choice between vLLM and the transformers fallback.
+
+Both engines keep the same contract: `generate` returns n `Completion`s whose tokens carry the
+version of the weights they were sampled under; `receive_weights` / `load_weights` swap weights
+in place and bump the version. With `partial_rollout`, in-flight requests are paused for the
+swap and resume under the new weights (their old tokens keep their old tags); without it the
+swap waits until in-flight requests finish.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+
+from rollout.config import RolloutConfig
+from rollout.records import Completion
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    name: str
+    version: int
+
+    async def start(self) -> None: ...
+
+    async def generate(self, prompt_ids: list[int], n: int, request_id: str) -> list[Completion]: ...
+
+    async def init_weight_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str
+    ) -> None: ...
+
+    async def receive_weights(self, plan_wire: list, version: int) -> int: ...
+
+    async def load_weights(self, named: list[tuple[str, torch.Tensor]], version: int) -> None: ...
+
+    async def weights(self, names: list[str] | None = None) -> dict[str, torch.Tensor]: ...
+
+    async def shutdown(self) -> None: ...
+
+    @property
+    def num_receivers(self) -> int: ...
+
+
+async def start_engine(cfg: RolloutConfig) -> Engine:
+    """The configured engine, started. "auto" falls back to transformers when vLLM cannot start,
+    and says so loudly: the fallback is correct but several times slower."""
+    if cfg.backend in ("vllm", "auto"):
+        from rollout.vllm_engine import VllmEngine
+
+        engine: Engine = VllmEngine(cfg)
+        try:
+            await engine.start()
+            return engine
+        except Exception as err:
+            if cfg.backend == "vllm":
+                raise
+            log.error(
+                "vLLM could not start (%s: %s); FALLING BACK to the transformers engine, which is much slower. "
+                "Set rollout.backend=vllm to make this an error.",
+                type(err).__name__,
+                err,
+            )
+    from rollout.hf_engine import TransformersEngine
+
+    log.warning("rollout engine: transformers generate (the fallback path, not vLLM)")
+    engine = TransformersEngine(cfg)
+    await engine.start()
+    return engine
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(cfg: RolloutConfig) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, cfg.dtype)

@@ -1,0 +1,46 @@
+"""What goes into and comes out of a rollout engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from buffer.trajectory import Trajectory
+
+
+@dataclass
+class PromptItem:
+    """One prompt to sample a group for. `text` is the rendered prompt (chat template applied);
+    `answer` and `sample_id` travel to the reward function and into the trajectories."""
+
+    group_id: str
+    text: str
+    answer: str = ""
+    sample_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Completion:
+    """One sampled response as an engine returns it; versions are per token."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    finish_reason: str
+    version_start: int
+    version_end: int
+
+
+@dataclass
+class RolloutResult:
+    """What one `generate` call produced: trajectories of the prompts that worked, and a clear
+    error per prompt that did not (the actor keeps running)."""
+
+    trajectories: list[Trajectory] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # group_id -> reason
+    seconds: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t.response_ids) for t in self.trajectories)

