@@ -66,8 +66,21 @@ class VllmEngine:
         )
         started = time.perf_counter()
         self.llm = AsyncLLM.from_engine_args(args)
-        await self.llm.update_weight_version(str(self.version))
+        try:
+            await self.llm.update_weight_version(str(self.version))
+            await self._smoke_test()
+        except BaseException:
+            await self.shutdown()
+            raise
         log.info("vLLM engine up in %.1fs (%s, %s)", time.perf_counter() - started, cfg.model_path, args.dtype)
+
+    async def _smoke_test(self) -> None:
+        """Generate two tokens: some unsupported models (e.g. head_dim 16 on CPU) load fine and
+        fail only in the first forward pass, and that must count as "vLLM cannot start"."""
+        from vllm import SamplingParams
+
+        async for _ in self.llm.generate({"prompt_token_ids": [0, 1]}, SamplingParams(max_tokens=2), "vespo-smoke"):
+            pass
 
     def _sampling(self, n: int):
         from vllm import SamplingParams

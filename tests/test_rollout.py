@@ -147,6 +147,25 @@ def test_partial_rollout_keeps_per_token_versions(rig):
     print(f"partial rollout: {len(mixed)}/{len(result.trajectories)} responses span two versions")
 
 
+def test_without_partial_rollout_updates_wait_for_in_flight_requests(rig):
+    cfg = RolloutConfig(model_path=rig.path, n=2, max_new_tokens=200, max_model_len=256, partial_rollout=False)
+    actor = rollout_actor(cfg, None, "engine-wait")
+    try:
+        ray.get(actor.start.remote())
+        sender = Sender([actor])
+        sender.send(random_weights(rig.path, seed=3), 1)  # long responses
+        ref = actor.generate.remote(rig.items(PROMPTS[:2], tag="wait"))
+        time.sleep(0.2)
+        sender.send(random_weights(rig.path, seed=4), 2)
+        assert ray.wait([ref], timeout=0)[0], "the update returned before the in-flight request finished"
+        result = ray.get(ref)
+        assert all((t.token_versions == 1).all() and t.version_end == 1 for t in result.trajectories)
+        assert ray.get(actor.version.remote()) == 2
+    finally:
+        ray.get(actor.shutdown.remote())
+        ray.kill(actor)
+
+
 def test_bad_prompts_get_clear_errors_and_actor_survives(rig):
     long_prompt = "1+1=" * 200
     items = rig.items(["", long_prompt, "5+5="], tag="bad")
