@@ -3,7 +3,7 @@
 
 train:
 	@bash scripts/venv.sh
-	.venv/bin/python -m vespo demo
+	.venv/bin/python -m vespo train
 
 test:
 	@bash scripts/venv.sh

@@ -60,7 +60,7 @@ def collate(trajectories: list[Trajectory], advantages: np.ndarray | torch.Tenso
         # response token k sits at position p + k and is predicted by logits at p + k - 1
         cols = slice(p - 1, p - 1 + r)
         resp[i, cols] = 1.0
-        blp[i, cols] = torch.from_numpy(t.behavior_logprobs)
+        blp[i, cols] = torch.tensor(t.behavior_logprobs)
         adv[i, cols] = float(a)
         versions[i, cols] = torch.from_numpy(t.token_versions.astype(np.int64))
     return TrainBatch(ids, attn, resp, blp, adv, versions)

@@ -10,7 +10,7 @@ from vespo.objectives import AGG_MODES, OBJECTIVES, make_config
 
 @dataclass
 class LearnerConfig:
-    model_path: str  # a local Hugging Face causal-LM directory
+    model_path: str = ""  # a local Hugging Face causal-LM directory (the run config fills it from `model`)
     world_size: int = 1  # DeepSpeed data-parallel processes (one Ray actor each)
     zero_stage: int = 0  # 0-3
     objective: str = "vespo"
@@ -24,6 +24,7 @@ class LearnerConfig:
     micro_batch_tokens: int = 8192  # token budget (rows x padded length) of one forward/backward
     bf16: bool = False  # on GPU: bf16 weights and activations with fp32 master weights
     seed: int = 0
+    temperature: float = 1.0  # the rollout sampling temperature: log-probs are of the tempered policy
     normalize_adv_std: bool = True  # GRPO advantages divided by the group std
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
@@ -36,6 +37,10 @@ class LearnerConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         make_config(self.objective, self.objective_config)  # raises on unknown or invalid options
+        if self.temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0 (greedy rollouts have no log-probs to train on), got {self.temperature}"
+            )
         if self.lr <= 0 or self.micro_batch_tokens <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError("lr and micro_batch_tokens must be > 0, warmup_steps and grad_clip >= 0")
 

@@ -104,7 +104,7 @@ class LearnerWorker:
             micro = trim(batch.rows(rows))
             t0 = time.perf_counter()
             logprobs = token_logprobs(
-                self.engine, micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
+                self.engine, micro.input_ids.to(self.device), micro.attention_mask.to(self.device), self.cfg.temperature
             )
             t1 = time.perf_counter()
             mask = micro.response_mask.to(self.device)
@@ -157,7 +157,8 @@ class LearnerWorker:
         out = torch.zeros_like(batch.behavior_logprobs)
         for rows in micro_batches(batch.attention_mask.sum(-1).tolist(), self.cfg.micro_batch_tokens):
             micro = trim(batch.rows(rows))
-            lp = token_logprobs(self.engine, micro.input_ids.to(self.device), micro.attention_mask.to(self.device))
+            ids, attn = micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
+            lp = token_logprobs(self.engine, ids, attn, self.cfg.temperature)
             out[torch.tensor(rows).unsqueeze(-1), torch.arange(lp.shape[1])] = lp.float().cpu()
         return out
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vespo import demo
+from vespo import demo, train
 
-COMMANDS = {"demo": (demo.main, "objective demo: every objective on a stale toy policy (seconds, no model)")}
+COMMANDS = {
+    "demo": (demo.main, "objective demo: every objective on a stale toy policy (seconds, no model)"),
+    "train": (train.main, "train: vespo train [CONFIG.yaml] [key=value ...] (no CONFIG: the embedded tiny run)"),
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,322 @@
+"""The controller: places engines, buffer and learner on Ray and runs training.
+
+async mode: engines generate continuously (a feeder thread keeps each one supplied with
+prompts, asking the buffer's admission rule first so nothing is started that would be too
+stale to train on); the learner takes a batch as soon as enough fresh whole groups are in
+the buffer and broadcasts weights every `sync_every` steps, with partial rollout if enabled.
+sync mode: generate staleness_ratio * groups_per_step groups with the current weights, make
+staleness_ratio sequential updates on them, broadcast, repeat (the paper's "N").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from buffer.actor import buffer_actor, unpack_batch
+from buffer.trajectory import Trajectory
+from learner.group import LearnerGroup
+from rollout.actor import rollout_actor
+from rollout.records import PromptItem
+from vespo import typed_config
+from vespo.placement import ClusterSpec, Demand, NodeGroup, PlacementError, plan
+from vespo.prompts import PromptStream
+from vespo.run_config import RunConfig
+from vespo.run_logger import RunLogger
+from vespo.tasks.registry import TaskSample, make_task, render_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    version: int
+    wall_s: float
+    checkpoint: str
+    wandb: str
+    rewards: list[float] = field(default_factory=list)  # mean training reward per step
+    eval_rewards: list[tuple[int, float]] = field(default_factory=list)
+    learner_idle_fraction: float = 0.0  # share of wall time the learner waited for data
+    max_batch_staleness: int = 0
+    clock: dict[str, float] = field(default_factory=dict)  # seconds: generate (sync), wait, train, sync
+
+    @property
+    def learner_busy_fraction(self) -> float:
+        return self.clock.get("train", 0.0) / max(self.wall_s, 1e-9)
+
+
+class Controller:
+    def __init__(self, cfg: RunConfig, logger: RunLogger | None = None):
+        self.cfg = cfg
+        self.logger = logger
+        self.step = 0
+        self.version = 0  # the engines' weights: the learner step they were broadcast at
+        self._stop = threading.Event()
+        self._feeder_error: BaseException | None = None
+        self._clock = {"generate": 0.0, "wait": 0.0, "train": 0.0, "sync": 0.0}
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        _init_ray(cfg)
+        check_resources(cfg)
+        model_path = resolve_model(cfg.model)
+        cfg.rollout.model_path = cfg.learner.model_path = model_path
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.task = make_task(cfg.task)
+        self.prompts = PromptStream(self.task.samples("train"), seed=cfg.task.seed)
+        self.eval_samples = self.task.samples("eval")[: cfg.train.eval_prompts]
+
+        self.buffer = buffer_actor(cfg.buffer)
+        self.engines = [
+            rollout_actor(cfg.rollout, cfg.task, f"engine-{i}", self.buffer) for i in range(cfg.train.num_engines)
+        ]
+        starting = [e.start.remote() for e in self.engines]
+        self.learner = LearnerGroup(cfg.learner)
+        infos = ray.get(starting)
+        for info in infos:
+            log.info("%s: %s engine up in %.0fs", info["engine_id"], info["backend"], info["startup_s"])
+        receivers = [info["receivers"] for info in infos]
+        host, port = self.learner.open_weight_sync(sum(receivers), cfg.train.weight_bucket_mb << 20)
+        offsets = np.cumsum([1, *receivers[:-1]]).tolist()
+        joins = [e.init_weight_group.remote(host, port, off, sum(receivers) + 1, _backend(cfg))
+                 for e, off in zip(self.engines, offsets, strict=True)]  # fmt: skip
+        ray.get([self.learner.connect_weight_sync(), *joins])
+        self.plan = self.learner.weight_plan()
+
+    def item(self, gid: str, sample: TaskSample) -> PromptItem:
+        text = render_prompt(sample, self.tokenizer, self.cfg.task.system_prompt)
+        return PromptItem(gid, text, answer=sample.answer, sample_id=sample.id)
+
+    # -- the loops ------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        started = time.perf_counter()
+        self.rewards: list[float] = []
+        self.eval_rewards: list[tuple[int, float]] = []
+        self.max_staleness_seen = 0
+        try:
+            if self.cfg.train.mode == "async":
+                self._run_async()
+            else:
+                self._run_sync()
+            ckpt = self.checkpoint()
+        finally:
+            self._stop.set()
+        wall = time.perf_counter() - started
+        return RunSummary(
+            self.step, self.version, wall, str(ckpt), self.logger.location if self.logger else "", self.rewards,
+            self.eval_rewards, self._clock["wait"] / max(wall, 1e-9), self.max_staleness_seen, dict(self._clock),
+        )  # fmt: skip
+
+    def _run_async(self) -> None:
+        cfg = self.cfg.train
+        feeder = threading.Thread(target=self._feed, name="vespo-feeder", daemon=True)
+        feeder.start()
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            payload = None
+            while payload is None:
+                payload = ray.get(self.buffer.get_batch_packed.remote(cfg.groups_per_step, self.step, 1.0))
+                if self._feeder_error is not None:
+                    raise RuntimeError("the prompt feeder failed") from self._feeder_error
+                if payload is None and time.perf_counter() - t0 > cfg.batch_timeout_s:
+                    raise TimeoutError(f"no batch of {cfg.groups_per_step} fresh groups in {cfg.batch_timeout_s}s")
+            self._clock["wait"] += time.perf_counter() - t0
+            batch = unpack_batch(payload)
+            self._train(batch.trajectories, batch.staleness)
+            if self.step % cfg.sync_every == 0:
+                self._sync()
+            self._after_step()
+        self._stop.set()
+        feeder.join(timeout=10)
+
+    def _feed(self) -> None:
+        """Keep every engine supplied, within the admission rule (never more than max_staleness
+        versions ahead of the learner)."""
+        cfg = self.cfg.train
+        try:
+            while not self._stop.is_set():
+                counts = ray.get([e.in_flight.remote() for e in self.engines])
+                fed = 0
+                for engine, count in zip(self.engines, counts, strict=True):
+                    want = cfg.max_inflight_groups - count
+                    items = []
+                    while want > 0 and ray.get(self.buffer.may_start.remote(self.step, 1)):
+                        items.append(self.item(*self.prompts.next()))
+                        want -= 1
+                    if items:
+                        engine.submit.remote(items)
+                        fed += len(items)
+                if not fed:
+                    time.sleep(0.05)
+        except BaseException as err:  # surfaced by the learner loop
+            self._feeder_error = err
+
+    def _run_sync(self) -> None:
+        cfg = self.cfg.train
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            items = [self.item(*p) for p in self.prompts.take(cfg.groups_per_step * cfg.staleness_ratio)]
+            shares = [items[i :: len(self.engines)] for i in range(len(self.engines))]
+            results = ray.get([e.generate.remote(s) for e, s in zip(self.engines, shares, strict=True) if s])
+            self._clock["generate"] += time.perf_counter() - t0
+            groups: dict[str, list[Trajectory]] = {}
+            for r in results:
+                for gid, err in r.errors.items():
+                    log.error("group %s skipped: %s", gid, err)
+                for t in r.trajectories:
+                    groups.setdefault(t.group_id, []).append(t)
+            order = list(groups)
+            for k in range(cfg.staleness_ratio):
+                if self.step >= cfg.steps:
+                    break
+                chunk = [
+                    t for gid in order[k * cfg.groups_per_step : (k + 1) * cfg.groups_per_step] for t in groups[gid]
+                ]
+                if not chunk:
+                    continue
+                self._train(chunk, [t.staleness(self.step) for t in chunk])
+                self._after_step()
+            self._sync()
+
+    # -- one step -------------------------------------------------------------------------
+
+    def _train(self, trajs: list[Trajectory], staleness: list[int]) -> None:
+        trajs = [t for t in trajs if "reward_error" not in t.extra]  # marked samples never train
+        t0 = time.perf_counter()
+        batch = self.learner.make_batch(trajs, self.pad_id)
+        if self.cfg.train.recompute_old_logprobs:
+            batch = self.learner.with_old_logprobs(batch)
+        metrics = self.learner.train_step(batch)
+        self._clock["train"] += time.perf_counter() - t0
+        self.step += 1
+        rewards = np.array([t.reward for t in trajs], dtype=np.float64)
+        lengths = np.array([len(t.response_ids) for t in trajs])
+        self.rewards.append(float(rewards.mean()))
+        self.max_staleness_seen = max(self.max_staleness_seen, max(staleness, default=0))
+        metrics.update({
+            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            "reward/accuracy": float((rewards >= 1.0).mean()), "response/length_mean": float(lengths.mean()),
+            "response/truncated_frac": float(np.mean([t.finish_reason == "length" for t in trajs])),
+            "staleness/batch_max": float(max(staleness, default=0)), "staleness/batch_mean": float(np.mean(staleness)),
+            "version/engine": float(self.version), "version/lag": float(self.step - self.version),
+        })  # fmt: skip
+        self._pending = (metrics, staleness)
+
+    def _sync(self) -> None:
+        t0 = time.perf_counter()
+        receiving = [e.receive_weights.remote(self.plan, self.step) for e in self.engines]
+        ray.get(self.learner.broadcast_weights(self.plan) + receiving)
+        self.version = self.step
+        self._clock["sync"] += time.perf_counter() - t0
+
+    def _after_step(self) -> None:
+        cfg = self.cfg.train
+        metrics, staleness = self._pending
+        metrics.update(ray.get(self.buffer.metrics.remote()))
+        stats = ray.get([e.get_stats.remote() for e in self.engines])
+        tokens, gen_s = sum(s.tokens for s in stats), sum(s.generate_s for s in stats)
+        now = time.perf_counter()
+        last = getattr(self, "_last", None)
+        if last is not None:
+            metrics["perf/gen_tokens_per_s"] = (tokens - last[0]) / max(now - last[1], 1e-9)
+        self._last = (tokens, now)
+        metrics["perf/gen_engine_s_total"] = gen_s
+        metrics.update({f"time/{k}_s": v for k, v in self._clock.items()})
+        if cfg.eval_every and self.step % cfg.eval_every == 0:
+            metrics.update(self.evaluate())
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+            self.checkpoint()
+        if self.logger is not None:
+            self.logger.log(metrics, self.step, {"staleness/histogram": staleness})
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward on the held-out split (one sample per prompt at the rollout temperature)."""
+        items = [self.item(f"eval-{self.step}-{s.id}", s) for s in self.eval_samples]
+        result = ray.get(self.engines[0].generate.remote(items, 1))
+        rewards = [t.reward for t in result.trajectories]
+        value = float(np.mean(rewards)) if rewards else float("nan")
+        self.eval_rewards.append((self.step, value))
+        return {"eval/reward": value, "eval/accuracy": float(np.mean(np.array(rewards) >= 1.0)) if rewards else 0.0}
+
+    def checkpoint(self) -> Path:
+        root = self.cfg.output / "checkpoints"
+        state = {"step": self.step, "version": self.version, "prompts": vars(self.prompts.state),
+                 "config": typed_config.to_dict(self.cfg)}  # fmt: skip
+
+        def write_state(path: Path) -> None:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "state.json").write_text(json.dumps(state, indent=1))
+
+        extra = {"buffer": lambda p: ray.get(self.buffer.snapshot.remote(str(p))), "controller": write_state}
+        return self.learner.save_checkpoint(root, self.step, self.version, extra)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        for e in getattr(self, "engines", []):
+            try:
+                ray.get(e.shutdown.remote(), timeout=30)
+            except Exception as err:  # a dead engine must not stop the others from closing
+                log.warning("engine shutdown: %s", err)
+            ray.kill(e)
+        if getattr(self, "learner", None) is not None:
+            self.learner.shutdown()
+        if getattr(self, "buffer", None) is not None:
+            ray.kill(self.buffer)
+
+
+def resolve_model(model: str) -> str:
+    if model == "tiny":
+        from vespo.tiny_model import tiny_model
+
+        return str(tiny_model())
+    if not (Path(model) / "config.json").exists():
+        raise FileNotFoundError(f"model {model!r} is not a local Hugging Face directory (no config.json there)")
+    return model
+
+
+def _backend(cfg: RunConfig) -> str:
+    return "nccl" if cfg.learner.num_gpus_per_worker > 0 else "gloo"
+
+
+def _init_ray(cfg: RunConfig) -> None:
+    if ray.is_initialized():
+        return
+    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    need = cfg.train.num_engines * cfg.rollout.num_cpus + cfg.learner.world_size * cfg.learner.num_cpus_per_worker
+    # a local run on a small machine: logical CPUs enough for the layout (they share the cores)
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))), include_dashboard=False,
+             dashboard_host="127.0.0.1", log_to_driver=True)  # fmt: skip
+
+
+def check_resources(cfg: RunConfig) -> None:
+    """A clear error, before anything starts, when the layout does not fit the cluster."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cluster = ClusterSpec([NodeGroup(f"node{i}", 1, n["Resources"].get("CPU", 0), int(n["Resources"].get("GPU", 0)))
+                           for i, n in enumerate(nodes)])  # fmt: skip
+    demand = Demand(
+        engines=cfg.train.num_engines, tensor_parallel=cfg.rollout.tensor_parallel_size,
+        cpus_per_engine=cfg.rollout.num_cpus, learner_ranks=cfg.learner.world_size,
+        gpus_per_rank=int(cfg.learner.num_gpus_per_worker), cpus_per_rank=cfg.learner.num_cpus_per_worker,
+    )  # fmt: skip
+    try:
+        plan(cluster, demand)
+    except PlacementError as err:
+        raise PlacementError(f"the run does not fit this Ray cluster: {err}") from err
