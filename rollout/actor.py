@@ -59,7 +59,7 @@ class RolloutActor:
         """Start the engine (minutes on a big GPU model); returns what was started."""
         from transformers import AutoTokenizer
 
-        logging.basicConfig(level=logging.INFO)
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model_path)
         started = time.perf_counter()
         self.engine = await start_engine(self.cfg)
@@ -215,7 +215,12 @@ def rollout_actor(
     cfg: RolloutConfig, task: TaskConfig | None = None, engine_id: str = "engine-0", buffer=None, **options
 ):
     """A started-later RolloutActor handle (call `start` and wait for it before anything else)."""
+    import os
+
     import ray
 
     remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_concurrency=1000)(RolloutActor)
+    # vLLM logs every request and weight reload at INFO/WARNING: keep the driver's console for progress
+    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
+    options.setdefault("runtime_env", {"env_vars": env})
     return remote.options(**options).remote(cfg, task, engine_id, buffer)
