@@ -25,14 +25,14 @@ class TrainConfig:
     # sync: each rollout batch of staleness_ratio * groups_per_step groups is split into
     # staleness_ratio sequential updates (the paper's N); 1 is plain on-policy training
     staleness_ratio: int = 1
-    steps: int = 60  # learner steps (optimizer updates)
+    steps: int = 150  # learner steps (optimizer updates)
     groups_per_step: int = 16  # prompts per learner step; each brings rollout.n samples
     sync_every: int = 1  # learner steps between weight broadcasts (async mode)
     num_engines: int = 1  # rollout engine actors
     max_inflight_groups: int = 32  # per engine: prompts being generated at once (async mode)
     weight_bucket_mb: int = 64  # size of one weight-broadcast bucket
     recompute_old_logprobs: bool = False  # learner recomputes pi_old (train/inference mismatch correction)
-    eval_every: int = 20  # learner steps between held-out evaluations; 0 disables
+    eval_every: int = 25  # learner steps between held-out evaluations; 0 disables
     eval_prompts: int = 64
     checkpoint_every: int = 0  # learner steps between checkpoints; 0: only at the end
     output_dir: str = "runs/vespo"  # checkpoints and wandb files go under it
@@ -54,7 +54,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=lambda: TaskConfig(name="arithmetic", max_digits=1))
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(n=8, max_new_tokens=8, max_model_len=64))
-    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(lr=2e-5, warmup_steps=2))
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(lr=5e-4, warmup_steps=2))
     buffer: BufferConfig = field(default_factory=lambda: BufferConfig(max_staleness=4))
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
