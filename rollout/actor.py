@@ -110,6 +110,10 @@ class RolloutActor:
     def set_buffer(self, buffer) -> None:
         self.buffer = buffer
 
+    async def running(self) -> int:
+        """Requests inside the engine right now (generate calls included, not only submits)."""
+        return self.engine.running() if self.engine is not None else 0
+
     async def in_flight(self) -> int:
         return len(self._background)
 

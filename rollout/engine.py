@@ -40,6 +40,11 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None: ...
 
+    def running(self) -> int:
+        """Requests admitted to the engine and not finished (a weight swap without partial
+        rollout waits for these)."""
+        ...
+
     @property
     def num_receivers(self) -> int: ...
 

@@ -49,6 +49,9 @@ class TransformersEngine:
         pad = self.generation_config.pad_token_id
         self.pad = pad if pad is not None else next(iter(self.eos), 0)
 
+    def running(self) -> int:
+        return self._in_flight
+
     async def generate(self, prompt_ids: list[int], n: int, request_id: str) -> list[Completion]:
         async with self._idle:
             await self._idle.wait_for(lambda: not self._updating)

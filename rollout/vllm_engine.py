@@ -97,6 +97,9 @@ class VllmEngine:
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
+    def running(self) -> int:
+        return self.llm.get_num_unfinished_requests() if self.llm is not None else 0
+
     async def generate(self, prompt_ids: list[int], n: int, request_id: str) -> list[Completion]:
         version_start = self.version
         final = None
@@ -176,4 +179,8 @@ def _completion(c, version_start: int, version_end: int) -> Completion:
     versions = [version_start] * len(tokens)
     for span in c.weight_versions or []:
         versions[span.start : span.end] = [int(span.version)] * (span.end - span.start)
+    if versions:
+        # The tags are the truth: our coroutine may only see the final output after a later swap
+        # bumped self.version, and a request queued behind a swap starts under the new version.
+        version_start, version_end = versions[0], versions[-1]
     return Completion(tokens, logprobs, versions, c.finish_reason or "abort", version_start, version_end)
