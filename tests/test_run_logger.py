@@ -39,5 +39,21 @@ def test_disabled_logs_to_console_only(tmp_path):
     logger.log({"reward/mean": 0.5}, 7)
     logger.finish()
     text = console.export_text()
-    assert "step 7" in text and "mean=0.5" in text
+    assert "step 7" in text and "reward=0.5" in text
     assert not any(tmp_path.iterdir())
+
+
+def test_console_prints_about_fifty_lines_a_run_plus_every_evaluation(tmp_path):
+    console = Console(record=True, width=200)  # not a terminal: lines only, no live bar
+    logger = RunLogger(WandbConfig(mode="disabled", dir=str(tmp_path)), {}, console, total_steps=500)
+    for step in range(1, 501):
+        metrics = {"reward/mean": step / 500}
+        if step % 75 == 0:
+            metrics["eval/accuracy"] = 0.5
+        logger.log(metrics, step)
+    logger.finish()
+    lines = [line for line in console.export_text().splitlines() if line.startswith("step ")]
+    shown = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert shown[0] == 1 and shown[-1] == 500 and {75, 150, 225} <= set(shown)
+    assert 50 <= len(lines) <= 60
+    assert "step 500/500" in lines[-1] and "eta 0m00s" in lines[-1] and "eval_acc" in lines[shown.index(75)]

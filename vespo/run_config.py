@@ -25,14 +25,14 @@ class TrainConfig:
     # sync: each rollout batch of staleness_ratio * groups_per_step groups is split into
     # staleness_ratio sequential updates (the paper's N); 1 is plain on-policy training
     staleness_ratio: int = 1
-    steps: int = 150  # learner steps (optimizer updates)
-    groups_per_step: int = 16  # prompts per learner step; each brings rollout.n samples
+    steps: int = 500  # learner steps (optimizer updates)
+    groups_per_step: int = 32  # prompts per learner step; each brings rollout.n samples
     sync_every: int = 1  # learner steps between weight broadcasts (async mode)
     num_engines: int = 1  # rollout engine actors
     max_inflight_groups: int = 32  # per engine: prompts being generated at once (async mode)
     weight_bucket_mb: int = 64  # size of one weight-broadcast bucket
     recompute_old_logprobs: bool = False  # learner recomputes pi_old (train/inference mismatch correction)
-    eval_every: int = 25  # learner steps between held-out evaluations; 0 disables
+    eval_every: int = 50  # learner steps between held-out evaluations; 0 disables
     eval_prompts: int = 64
     checkpoint_every: int = 0  # learner steps between checkpoints; 0: only at the end
     output_dir: str = "runs/vespo"  # checkpoints and wandb files go under it

@@ -54,7 +54,7 @@ def run(cfg: run_config.RunConfig, console: Console | None = None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg.wandb.dir = cfg.wandb.dir if cfg.wandb.dir != "runs" else str(cfg.output)
     was_up = ray.is_initialized()
-    logger = RunLogger(cfg.wandb, typed_config.to_dict(cfg), console)
+    logger = RunLogger(cfg.wandb, typed_config.to_dict(cfg), console, total_steps=cfg.train.steps)
     controller = Controller(cfg, logger)
     console.print(f"[bold]vespo[/] {cfg.train.mode} run: {cfg.train.steps} steps, model {cfg.model}, "
                   f"task {cfg.task.name}, objective {cfg.learner.objective}; wandb: {logger.location}")  # fmt: skip
