@@ -42,11 +42,37 @@ class _RankActor(LearnerWorker):
 
 
 class LearnerGroup:
-    def __init__(self, cfg: LearnerConfig):
+    def __init__(
+        self, cfg: LearnerConfig, node_resources: dict[str, float] | None = None, ready_timeout_s: float = 600
+    ):
+        """`node_resources`: extra custom resources every rank asks for (the learner node group's
+        marker on a multi-node cluster). Ranks are one PACK placement group, so DeepSpeed gets as
+        few nodes as possible, and a layout that cannot be placed fails here with the reason."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         self.cfg = cfg
+        bundle = {
+            "CPU": cfg.num_cpus_per_worker,
+            **({"GPU": cfg.num_gpus_per_worker} if cfg.num_gpus_per_worker else {}),
+        }
+        self.placement = placement_group([{**bundle, **(node_resources or {})}] * cfg.world_size, strategy="PACK")
+        ready, _ = ray.wait([self.placement.ready()], timeout=ready_timeout_s)
+        if not ready:
+            ray.util.remove_placement_group(self.placement)
+            raise RuntimeError(
+                f"the learner's {cfg.world_size} rank(s) of {bundle} (+{node_resources or {}}) could not be placed "
+                f"in {ready_timeout_s:.0f}s: the cluster lacks the resources (see `vespo plan`)"
+            )
         actor = ray.remote(num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker)(_RankActor)
         env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if cfg.num_gpus_per_worker == 0 else {}
-        self.workers = [actor.options(runtime_env=env).remote(cfg, r) for r in range(cfg.world_size)]
+        self.workers = [
+            actor.options(
+                runtime_env=env,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=r),
+            ).remote(cfg, r)
+            for r in range(cfg.world_size)
+        ]
         addr, port = ray.get(self.workers[0].address.remote())
         ray.get([w.setup.remote(addr, port) for w in self.workers])
 
@@ -132,3 +158,6 @@ class LearnerGroup:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+        if self.placement is not None:
+            ray.util.remove_placement_group(self.placement)
+            self.placement = None

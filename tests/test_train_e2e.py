@@ -54,3 +54,10 @@ def test_training_runs_end_to_end(tmp_path, mode):
     if mode == "sync":  # N=2: the second update of each rollout batch trains on one-version-old data
         assert [row["staleness/batch_max"] for row in history if "reward/mean" in row] == [0, 1, 0, 1]
     assert logged_config["train"]["mode"] == mode
+
+    if mode == "async":  # `vespo eval` scores the checkpoint's exported model with a real engine
+        from vespo.evaluate import checkpoint_model, evaluate
+
+        result = evaluate(config(tmp_path), checkpoint_model(tmp_path / "checkpoints"), prompts=6, samples=3)
+        assert result.model == str(ckpt / "model") and result.prompts == 6 and result.failed_prompts == 0
+        assert 0.0 <= result.accuracy <= result.pass_at_k <= 1.0 and result.mean_response_tokens > 0

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vespo import demo, train
+from vespo import demo, evaluate, plan_command, submit, train
 
 COMMANDS = {
     "demo": (demo.main, "objective demo: every objective on a stale toy policy (seconds, no model)"),
     "train": (train.main, "train: vespo train [CONFIG.yaml] [key=value ...] (no CONFIG: the embedded tiny run)"),
+    "eval": (evaluate.main, "score a model or checkpoint on the held-out split: vespo eval [CONFIG] --checkpoint DIR"),
+    "plan": (plan_command.main, "dry run: where every actor of CONFIG would go on a cluster (--cluster FILE)"),
+    "submit": (submit.main, "send CONFIG to a Ray cluster with ray job submit (--address URL)"),
 }
 
 

@@ -27,7 +27,7 @@ from learner.group import LearnerGroup
 from rollout.actor import rollout_actor
 from rollout.records import PromptItem
 from vespo import typed_config
-from vespo.placement import ClusterSpec, Demand, NodeGroup, PlacementError, plan
+from vespo.placement import PlacementError, cluster_from_ray, demand_of, plan, role_options
 from vespo.prompts import PromptStream
 from vespo.run_config import RunConfig
 from vespo.run_logger import RunLogger
@@ -81,11 +81,13 @@ class Controller:
         self.eval_samples = self.task.samples("eval")[: cfg.train.eval_prompts]
 
         self.buffer = buffer_actor(cfg.buffer)
+        resources = ray.cluster_resources()
         self.engines = [
-            rollout_actor(cfg.rollout, cfg.task, f"engine-{i}", self.buffer) for i in range(cfg.train.num_engines)
+            rollout_actor(cfg.rollout, cfg.task, f"engine-{i}", self.buffer, **role_options(resources, "rollout"))
+            for i in range(cfg.train.num_engines)
         ]
         starting = [e.start.remote() for e in self.engines]
-        self.learner = LearnerGroup(cfg.learner)
+        self.learner = LearnerGroup(cfg.learner, role_options(resources, "learner").get("resources"))
         infos = ray.get(starting)
         for info in infos:
             log.info("%s: %s engine up in %.0fs", info["engine_id"], info["backend"], info["startup_s"])
@@ -308,14 +310,8 @@ def _init_ray(cfg: RunConfig) -> None:
 
 def check_resources(cfg: RunConfig) -> None:
     """A clear error, before anything starts, when the layout does not fit the cluster."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    cluster = ClusterSpec([NodeGroup(f"node{i}", 1, n["Resources"].get("CPU", 0), int(n["Resources"].get("GPU", 0)))
-                           for i, n in enumerate(nodes)])  # fmt: skip
-    demand = Demand(
-        engines=cfg.train.num_engines, tensor_parallel=cfg.rollout.tensor_parallel_size,
-        cpus_per_engine=cfg.rollout.num_cpus, learner_ranks=cfg.learner.world_size,
-        gpus_per_rank=int(cfg.learner.num_gpus_per_worker), cpus_per_rank=cfg.learner.num_cpus_per_worker,
-    )  # fmt: skip
+    cluster = cluster_from_ray(ray.nodes())
+    demand = demand_of(cfg)
     try:
         plan(cluster, demand)
     except PlacementError as err:

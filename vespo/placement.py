@@ -11,7 +11,14 @@ starting anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# Custom Ray resources that mark node groups (deploy/cluster.yaml sets them per node type): when
+# the cluster has them, engines and learner ranks request a sliver, which pins them to their group.
+ROLE_RESOURCES = {"rollout": "vespo_rollout", "learner": "vespo_learner"}
 
 
 class PlacementError(ValueError):
@@ -56,6 +63,7 @@ class Slot:
 @dataclass
 class Plan:
     slots: list[Slot]
+    cluster: ClusterSpec | None = None
 
     def of(self, kind: str) -> list[Slot]:
         return [s for s in self.slots if s.kind == kind]
@@ -73,6 +81,23 @@ class Plan:
             f"{len(engines)} engine(s) on {sum(s.gpus for s in engines)} GPU(s), "
             f"{len(ranks)} learner rank(s) on {sum(s.gpus for s in ranks)} GPU(s)"
         )
+        return "\n".join(lines)
+
+    def by_node(self) -> str:
+        """One line per node: what runs there and what is left, the view a dry run needs."""
+        if self.cluster is None:
+            return ""
+        lines = [f"{'node':<16} {'role':<8} {'engines':>7} {'ranks':>5} {'GPUs used':>10} {'CPUs used':>10}"]
+        for g in self.cluster.nodes:
+            for n in range(g.count):
+                here = [s for s in self.slots if s.group == g.name and s.node == n]
+                engines = sum(s.kind == "engine" for s in here)
+                ranks = sum(s.kind == "learner" for s in here)
+                gpus, cpus = sum(s.gpus for s in here), sum(s.cpus for s in here)
+                lines.append(
+                    f"{g.name + '[' + str(n) + ']':<16} {g.role:<8} {engines:>7} {ranks:>5} "
+                    f"{f'{gpus}/{g.gpus}':>10} {f'{cpus:g}/{g.cpus:g}':>10}"
+                )
         return "\n".join(lines)
 
 
@@ -94,7 +119,7 @@ def plan(cluster: ClusterSpec, demand: Demand) -> Plan:
             free[node][0] -= cpus
             free[node][1] -= gpus
             slots.append(Slot(kind, i, node[0], node[1], cpus, gpus))  # type: ignore[arg-type]
-    return Plan(slots)
+    return Plan(slots, cluster)
 
 
 def _first_fit(free, roles, role, cpus, gpus):
@@ -120,3 +145,72 @@ def _shortfall(cluster, demand, kind, i, count, cpus, gpus, role) -> str:
         f"with {demand.engines} engine(s) x {demand.cpus_per_engine:g} CPU and {demand.learner_ranks} learner "
         f"rank(s) x {demand.cpus_per_rank:g} CPU requested. Lower the counts or add nodes."
     )
+
+
+def demand_of(cfg: Any, driver_cpus: float = 0) -> Demand:
+    """The layout a run config asks for (engines, tensor parallel, learner ranks)."""
+    return Demand(
+        engines=cfg.train.num_engines, tensor_parallel=cfg.rollout.tensor_parallel_size,
+        cpus_per_engine=cfg.rollout.num_cpus, learner_ranks=cfg.learner.world_size,
+        gpus_per_rank=int(cfg.learner.num_gpus_per_worker), cpus_per_rank=cfg.learner.num_cpus_per_worker,
+        driver_cpus=driver_cpus,
+    )  # fmt: skip
+
+
+def _role_of(resources: dict[str, Any]) -> str:
+    for role, name in ROLE_RESOURCES.items():
+        if resources.get(name):
+            return role
+    return "shared"
+
+
+def cluster_from_file(path: str | Path) -> ClusterSpec:
+    """A cluster description from YAML: either a Ray cluster launcher config (node types from
+    `available_node_types`, `max_workers` of each, roles from the vespo_* custom resources) or
+    a plain `nodes:` list of {name, count, cpus, gpus, role}."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if "available_node_types" in data:
+        return cluster_from_launcher(data)
+    if "nodes" in data:
+        try:
+            return ClusterSpec([NodeGroup(**node) for node in data["nodes"]])
+        except TypeError as err:
+            raise PlacementError(f"{path}: each node group takes name, count, cpus, gpus, role ({err})") from err
+    raise PlacementError(f"{path}: expected a Ray cluster launcher config (available_node_types) or a nodes: list")
+
+
+def cluster_from_launcher(data: dict[str, Any]) -> ClusterSpec:
+    head = data.get("head_node_type")
+    groups = []
+    for name, node_type in data["available_node_types"].items():
+        resources = node_type.get("resources") or {}
+        if "CPU" not in resources:
+            raise PlacementError(
+                f"node type {name!r} does not declare resources.CPU; the dry run needs CPU (and GPU) counts"
+            )
+        count = (1 if name == head else 0) + int(node_type.get("max_workers", node_type.get("min_workers", 0)))
+        if count:
+            groups.append(
+                NodeGroup(name, count, float(resources["CPU"]), int(resources.get("GPU", 0)), _role_of(resources))
+            )  # type: ignore[arg-type]  # noqa: E501
+    if head in data["available_node_types"]:  # the head first: the driver's CPUs come off it
+        groups.sort(key=lambda g: g.name != head)
+    return ClusterSpec(groups)
+
+
+def cluster_from_ray(nodes: list[dict[str, Any]]) -> ClusterSpec:
+    """The live cluster (`ray.nodes()`), one group per node."""
+    return ClusterSpec(
+        [
+            NodeGroup(
+                f"node{i}", 1, n["Resources"].get("CPU", 0), int(n["Resources"].get("GPU", 0)), _role_of(n["Resources"])
+            )  # type: ignore[arg-type]  # noqa: E501
+            for i, n in enumerate(x for x in nodes if x.get("Alive"))
+        ]
+    )
+
+
+def role_options(cluster_resources: dict[str, float], role: str) -> dict[str, Any]:
+    """Ray actor options that keep an actor on its node group, where the cluster marks groups."""
+    name = ROLE_RESOURCES[role]
+    return {"resources": {name: 0.001}} if cluster_resources.get(name) else {}

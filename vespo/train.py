@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     summary = run(cfg, console)
     console.print(
         f"[bold green]done[/]: {summary.steps} steps in {summary.wall_s:.0f}s, reward "
-        f"{_first_last(summary.rewards)}\n  checkpoint: {summary.checkpoint}\n  wandb: {summary.wandb}"
+        f"{_first_last(summary.rewards)}\n  checkpoint: {summary.checkpoint}\n  wandb: {summary.wandb}",
+        soft_wrap=True,
+        highlight=False,
     )
 
 
@@ -57,7 +59,8 @@ def run(cfg: run_config.RunConfig, console: Console | None = None):
     logger = RunLogger(cfg.wandb, typed_config.to_dict(cfg), console, total_steps=cfg.train.steps)
     controller = Controller(cfg, logger)
     console.print(f"[bold]vespo[/] {cfg.train.mode} run: {cfg.train.steps} steps, model {cfg.model}, "
-                  f"task {cfg.task.name}, objective {cfg.learner.objective}; wandb: {logger.location}")  # fmt: skip
+                  f"task {cfg.task.name}, objective {cfg.learner.objective}; wandb: {logger.location}",
+                  soft_wrap=True)  # fmt: skip
     try:
         controller.setup()
         return controller.run()

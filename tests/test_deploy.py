@@ -1,0 +1,146 @@
+"""Cluster launch: the placement dry run for the paper's layouts, and a real `ray job submit`
+of the tiny config to a local Ray head started the way a cluster's head is."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vespo import plan_command, run_config
+from vespo.placement import cluster_from_file, demand_of, plan
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+@pytest.mark.parametrize(
+    ("config", "engines", "tp"), [("paper_sync_n8_7b.yaml", 48, 1), ("paper_async_30b.yaml", 12, 4)]
+)
+def test_dry_run_places_the_papers_layouts_on_48_rollout_and_16_train_gpus(config, engines, tp, capsys):
+    cfg = run_config.load(DEPLOY / "configs" / config)
+    p = plan(cluster_from_file(DEPLOY / "cluster.yaml"), demand_of(cfg, driver_cpus=1))
+    assert len(p.of("engine")) == engines and all(s.gpus == tp for s in p.of("engine"))
+    assert {s.group for s in p.of("engine")} == {"rollout_gpu"} and {s.group for s in p.of("learner")} == {"train_gpu"}
+    per_node: dict[tuple[str, int], int] = {}
+    for s in p.slots:
+        per_node[(s.group, s.node)] = per_node.get((s.group, s.node), 0) + s.gpus
+    assert per_node == {**{("rollout_gpu", n): 8 for n in range(6)}, **{("train_gpu", n): 8 for n in range(2)}}
+
+    plan_command.main([str(DEPLOY / "configs" / config), "--cluster", str(DEPLOY / "cluster.yaml")])
+    out = capsys.readouterr().out
+    assert f"{engines} vLLM engine(s) x TP {tp} on 6 node(s), 48 GPU(s)" in out
+    assert "world size 16 across 2 node(s), 16 GPU(s)" in out
+    assert f"weight group: nccl, world size {engines * tp + 1}" in out
+
+
+def test_dry_run_says_what_does_not_fit(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        config, cluster = DEPLOY / "configs" / "paper_async_30b.yaml", DEPLOY / "cluster.yaml"
+        plan_command.main([str(config), "train.num_engines=13", "--cluster", str(cluster)])
+    assert exit_info.value.code == 2
+    assert "cannot place engine 13 of 13 (each needs 16 CPU + 4 GPU on one node)" in capsys.readouterr().out
+
+
+def test_submit_checks_the_config_before_sending(capsys):
+    from vespo import submit
+
+    with pytest.raises(SystemExit):
+        submit.main(["deploy/configs/tiny.yaml", "train.stepz=3", "--address", "http://127.0.0.1:1"])
+    assert "unknown key 'train.stepz'; did you mean 'steps'?" in capsys.readouterr().out
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head on loopback as `ray start --head` makes it, with its own temp dir (so test
+    processes' `ray.init()` never attach to it) and its own ports; stopped by SIGTERM, which
+    makes `ray start --block` take down everything it started."""
+    temp = tempfile.mkdtemp(prefix="vrh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, dash, agent, agent_grpc, env_agent, metrics, nm, om, client = _free_ports(9)
+    ray = Path(sys.executable).parent / "ray"
+    cmd = [
+        str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+        f"--metrics-export-port={metrics}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+        f"--ray-client-server-port={client}", "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(Path(temp) / "head.log", "w")  # noqa: SIM115 - closed below
+    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, (Path(temp) / "head.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError as err:
+                if "401" in str(err) or "Unauthorized" in str(err):
+                    break  # the server is up (and wants a token)
+                assert time.monotonic() < deadline, "the Ray head's job server did not come up in 120s"
+                time.sleep(1)
+        yield address
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+        subprocess.run(["pkill", "-KILL", "-f", temp], check=False)  # anything left of this head only
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_tiny_config_on_a_local_head(ray_head, tmp_path):
+    ray = str(Path(sys.executable).parent / "ray")
+    job_id = f"vespo-test-{os.getpid()}"
+    out_dir = tmp_path / "run"
+    submitted = subprocess.run(
+        [sys.executable, "-m", "vespo", "submit", "deploy/configs/tiny.yaml", "train.steps=3",
+         "train.groups_per_step=4", "train.eval_every=0", f"train.output_dir={out_dir}",
+         "--address", ray_head, "--submission-id", job_id, "--python", sys.executable],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert f"job id: {job_id}" in submitted.stdout and "job logs" in submitted.stdout
+
+    deadline, status = time.monotonic() + 480, ""
+    while time.monotonic() < deadline:
+        status = subprocess.run(
+            [ray, "job", "status", "--address", ray_head, job_id], capture_output=True, text=True, env=_env()
+        ).stdout
+        if any(word in status.lower() for word in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(5)
+    logs = subprocess.run(
+        [ray, "job", "logs", "--address", ray_head, job_id], capture_output=True, text=True, env=_env()
+    )
+    assert "succeeded" in status.lower(), status + logs.stdout[-4000:] + logs.stderr[-2000:]
+    assert "done: 3 steps" in logs.stdout
+    assert (out_dir / "checkpoints" / "step_00000003" / "meta.json").exists()
+
+
+def _env() -> dict[str, str]:
+    from vespo.submit import client_env
+
+    return client_env()

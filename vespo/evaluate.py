@@ -1,0 +1,140 @@
+"""`vespo eval`: score a model or a training checkpoint on the task's held-out split.
+
+It uses the run config's task and rollout settings and one rollout engine (vLLM, or the
+configured fallback), so the numbers are those `eval/*` shows during training, and a base
+model and any checkpoint can be compared on equal terms:
+
+    vespo eval                                           # the embedded run's starting model
+    vespo eval --checkpoint runs/vespo/checkpoints       # its latest checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from vespo import run_config, typed_config
+
+
+@dataclass
+class EvalResult:
+    model: str
+    prompts: int
+    samples_per_prompt: int
+    temperature: float
+    mean_reward: float
+    accuracy: float  # share of samples with reward >= 1
+    pass_at_k: float  # share of prompts with at least one sample at reward >= 1
+    mean_response_tokens: float
+    failed_prompts: int
+
+
+def checkpoint_model(path: str | Path) -> str:
+    """The Hugging Face model inside a checkpoint: a step directory (with model/) or a
+    checkpoints root (its newest complete step)."""
+    path = Path(path)
+    if (path / "model" / "config.json").exists():
+        return str(path / "model")
+    steps = sorted(p for p in path.glob("step_*") if (p / "model" / "config.json").exists())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint with a model/ directory under {path}")
+    return str(steps[-1] / "model")
+
+
+def evaluate(
+    cfg: run_config.RunConfig, model: str | None = None, prompts: int | None = None, samples: int = 1
+) -> EvalResult:
+    """Generate `samples` responses for the first `prompts` held-out problems and score them."""
+    import ray
+
+    from rollout.actor import rollout_actor
+    from rollout.records import PromptItem
+    from vespo.controller import _init_ray, resolve_model
+    from vespo.tasks.registry import make_task, render_prompt
+
+    model_path = resolve_model(model or cfg.model)
+    cfg.rollout.model_path = model_path
+    task = make_task(cfg.task)
+    held_out = task.samples("eval")[: prompts or cfg.train.eval_prompts]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    items = [
+        PromptItem(f"eval-{s.id}", render_prompt(s, tokenizer, cfg.task.system_prompt), answer=s.answer, sample_id=s.id)
+        for s in held_out
+    ]
+    was_up = ray.is_initialized()
+    _init_ray(cfg)
+    actor = rollout_actor(cfg.rollout, cfg.task, "eval-engine")
+    try:
+        ray.get(actor.start.remote())
+        result = ray.get(actor.generate.remote(items, samples))
+    finally:
+        ray.get(actor.shutdown.remote())
+        ray.kill(actor)
+        if not was_up:
+            ray.shutdown()
+    rewards = np.array([t.reward for t in result.trajectories], dtype=np.float64)
+    by_group: dict[str, list[float]] = {}
+    for t in result.trajectories:
+        by_group.setdefault(t.group_id, []).append(t.reward)
+    return EvalResult(
+        model=model_path,
+        prompts=len(by_group),
+        samples_per_prompt=samples,
+        temperature=cfg.rollout.temperature,
+        mean_reward=float(rewards.mean()) if len(rewards) else float("nan"),
+        accuracy=float((rewards >= 1.0).mean()) if len(rewards) else float("nan"),
+        pass_at_k=float(np.mean([max(r) >= 1.0 for r in by_group.values()])) if by_group else float("nan"),
+        mean_response_tokens=float(np.mean([len(t.response_ids) for t in result.trajectories]))
+        if result.trajectories
+        else 0.0,
+        failed_prompts=len(result.errors),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vespo eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", help="YAML run config (default: the embedded tiny run)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="a checkpoint step directory, or a checkpoints root (its newest step)")
+    which.add_argument("--model", help="a local Hugging Face model directory (default: the config's model)")
+    parser.add_argument("--prompts", type=int, help="held-out prompts to score (default: train.eval_prompts)")
+    parser.add_argument("--samples", type=int, default=1, help="responses per prompt (pass@k uses all of them)")
+    parser.add_argument("--json", help="also write the result to this JSON file")
+    args = parser.parse_args(argv)
+    if args.config and "=" in args.config and not os.path.exists(args.config):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    console = Console()
+    try:
+        cfg = run_config.load(args.config, args.overrides)
+        model = checkpoint_model(args.checkpoint) if args.checkpoint else args.model
+        if args.samples < 1 or (args.prompts is not None and args.prompts < 1):
+            raise ValueError("--samples and --prompts must be >= 1")
+    except (typed_config.ConfigError, ValueError, OSError) as err:
+        console.print(f"[red]eval error:[/] {err}", soft_wrap=True)
+        sys.exit(2)
+    r = evaluate(cfg, model, args.prompts, args.samples)
+    console.print(
+        f"[bold]eval[/] {r.model}: {r.prompts} held-out prompts x {r.samples_per_prompt} sample(s) at temperature "
+        f"{r.temperature:g}\n  mean reward {r.mean_reward:.4f}  accuracy {r.accuracy:.4f}  "
+        f"pass@{r.samples_per_prompt} {r.pass_at_k:.4f}  mean response {r.mean_response_tokens:.1f} tokens"
+        + (f"  ({r.failed_prompts} prompt(s) refused)" if r.failed_prompts else ""),
+        soft_wrap=True,
+        highlight=False,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(r), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`vespo plan`: the placement plan of a run on a cluster, printed without starting anything.
+
+A 64-GPU run that does not fit should fail on a laptop in a second, not after the cluster has
+come up. The cluster comes from a Ray cluster launcher config (deploy/cluster.yaml), a plain
+`nodes:` list, or, with neither, this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rich.console import Console
+
+from vespo import run_config, typed_config
+from vespo.placement import ClusterSpec, NodeGroup, PlacementError, Plan, cluster_from_file, demand_of, plan
+
+
+def local_cluster(cfg: run_config.RunConfig) -> ClusterSpec:
+    """This machine as a local run sees it (logical CPUs raised to what the layout asks for,
+    as vespo train does: the actors then share the cores)."""
+    import torch
+
+    need = cfg.train.num_engines * cfg.rollout.num_cpus + cfg.learner.world_size * cfg.learner.num_cpus_per_worker
+    return ClusterSpec([NodeGroup("local", 1, max(float(os.cpu_count() or 1), need), torch.cuda.device_count())])
+
+
+def describe(cfg: run_config.RunConfig, p: Plan) -> str:
+    engines, ranks = p.of("engine"), p.of("learner")
+    rank_nodes = {(s.group, s.node) for s in ranks}
+    engine_nodes = {(s.group, s.node) for s in engines}
+    receivers = len(engines) * cfg.rollout.tensor_parallel_size
+    backend = "nccl" if cfg.learner.num_gpus_per_worker > 0 else "gloo"
+    lines = [
+        p.by_node(),
+        "",
+        f"rollout: {len(engines)} vLLM engine(s) x TP {cfg.rollout.tensor_parallel_size} on {len(engine_nodes)} "
+        f"node(s), {sum(s.gpus for s in engines)} GPU(s)",
+        f"learner: DeepSpeed ZeRO-{cfg.learner.zero_stage}, world size {len(ranks)} across {len(rank_nodes)} "
+        f"node(s), {sum(s.gpus for s in ranks)} GPU(s)",
+        f"weight group: {backend}, world size {receivers + 1} (learner rank 0 + one receiver per engine shard), "
+        f"buckets of {cfg.train.weight_bucket_mb} MB",
+        f"mode: {cfg.train.mode}"
+        + (f", staleness ratio N = {cfg.train.staleness_ratio}" if cfg.train.mode == "sync" else "")
+        + f", buffer.max_staleness {cfg.buffer.max_staleness}",
+    ]
+    shared = engine_nodes & rank_nodes
+    if shared:
+        lines.append(f"note: engines and learner ranks share {len(shared)} node(s); fine for small runs")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vespo plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", help="YAML run config (default: the embedded tiny run)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.num_engines=8")
+    parser.add_argument("--cluster", help="Ray cluster launcher YAML or a nodes: list (default: this machine)")
+    args = parser.parse_args(argv)
+    if args.config and "=" in args.config and not os.path.exists(args.config):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    console = Console()
+    try:
+        cfg = run_config.load(args.config, args.overrides)
+        cluster = cluster_from_file(args.cluster) if args.cluster else local_cluster(cfg)
+        p = plan(cluster, demand_of(cfg, driver_cpus=1 if args.cluster else 0))  # the driver: 1 CPU of the head
+    except (typed_config.ConfigError, PlacementError, ValueError, OSError) as err:
+        console.print(f"[red]plan error:[/] {err}", soft_wrap=True)
+        sys.exit(2)
+    where = args.cluster or "this machine"
+    console.print(f"[bold]placement plan[/] for {args.config or 'the embedded run'} on {where}:", soft_wrap=True)
+    console.print(describe(cfg, p), soft_wrap=True, highlight=False)
+
+
+if __name__ == "__main__":
+    main()
