@@ -44,3 +44,11 @@ def test_tensor_parallel_larger_than_a_node_is_refused():
     cluster = ClusterSpec([NodeGroup("gpu", 2, cpus=32, gpus=4)])
     with pytest.raises(PlacementError, match=r"each needs 1 CPU \+ 8 GPU on one node"):
         plan(cluster, Demand(engines=1, tensor_parallel=8, learner_ranks=1, gpus_per_rank=1))
+
+
+def test_actors_are_pinned_to_node_groups_only_where_the_cluster_marks_them():
+    from vespo.placement import role_options
+
+    assert role_options({"CPU": 4.0}, "rollout") == {}
+    assert role_options({"CPU": 96.0, "vespo_rollout": 6.0}, "rollout") == {"resources": {"vespo_rollout": 0.001}}
+    assert role_options({"CPU": 96.0, "vespo_rollout": 6.0}, "learner") == {}
