@@ -245,6 +245,7 @@ class ReplayBuffer:
                 "counters": vars(self._counters).copy(),
                 "last_staleness": list(self._last_staleness),
             }
+        self.last_snapshot_seen: list[str] = payload["seen"]
         path = directory / SNAPSHOT_FILE
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
@@ -253,6 +254,12 @@ class ReplayBuffer:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return path
+
+    def snapshot_seen_groups(self, directory: str | Path) -> list[str]:
+        """Snapshot, and return the ids of every group the buffer had received by then (held,
+        trained or dropped): a resumed run regenerates exactly the groups not among them."""
+        self.snapshot(directory)
+        return sorted({tid.rsplit("/", 1)[0] for tid in self.last_snapshot_seen})
 
     @classmethod
     def restore(cls, directory: str | Path, cfg: BufferConfig | None = None) -> ReplayBuffer:

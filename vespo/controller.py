@@ -23,12 +23,13 @@ import ray
 
 from buffer.actor import buffer_actor, unpack_batch
 from buffer.trajectory import Trajectory
+from learner import checkpoint
 from learner.group import LearnerGroup
 from rollout.actor import rollout_actor
 from rollout.records import PromptItem
 from vespo import typed_config
 from vespo.placement import PlacementError, cluster_from_ray, demand_of, plan, role_options
-from vespo.prompts import PromptStream
+from vespo.prompts import PromptStream, PromptStreamState
 from vespo.run_config import RunConfig
 from vespo.run_logger import RunLogger
 from vespo.tasks.registry import TaskSample, make_task, render_prompt
@@ -48,6 +49,8 @@ class RunSummary:
     learner_idle_fraction: float = 0.0  # share of wall time the learner waited for data
     max_batch_staleness: int = 0
     clock: dict[str, float] = field(default_factory=dict)  # seconds: generate (sync), wait, train, sync
+    stopped: str | None = None  # why the run ended before train.steps (e.g. "SIGTERM"), else None
+    trained_groups: list[str] = field(default_factory=list)  # group ids in the order they were trained
 
     @property
     def learner_busy_fraction(self) -> float:
@@ -63,11 +66,23 @@ class Controller:
         self._stop = threading.Event()
         self._feeder_error: BaseException | None = None
         self._clock = {"generate": 0.0, "wait": 0.0, "train": 0.0, "sync": 0.0}
+        self._submitted: dict[str, str] = {}  # group id -> sample id: handed to an engine, not yet trained
+        self._submitted_lock = threading.Lock()
+        self.stop_reason: str | None = None  # set (e.g. by a signal) to stop after the current step
+        self.resumed_from: Path | None = None
+        self.trained_groups: list[str] = []
+
+    def request_stop(self, reason: str) -> None:
+        """Finish the current step, checkpoint, shut down: what SIGTERM and Ctrl-C ask for."""
+        self.stop_reason = reason
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def setup(self) -> None:
+    def setup(self, resume: str | Path | None = None) -> None:
+        """Start everything; with `resume` (a checkpoint step directory or a checkpoints root, its
+        newest complete step), continue that run: learner, versions, buffer, prompt stream."""
         cfg = self.cfg
+        found = checkpoint.latest(resume) if resume is not None else None
         _init_ray(cfg)
         check_resources(cfg)
         model_path = resolve_model(cfg.model)
@@ -80,7 +95,7 @@ class Controller:
         self.prompts = PromptStream(self.task.samples("train"), seed=cfg.task.seed)
         self.eval_samples = self.task.samples("eval")[: cfg.train.eval_prompts]
 
-        self.buffer = buffer_actor(cfg.buffer)
+        self.buffer = buffer_actor(cfg.buffer, restore_from=str(found / "buffer") if found else None)
         resources = ray.cluster_resources()
         self.engines = [
             rollout_actor(cfg.rollout, cfg.task, f"engine-{i}", self.buffer, **role_options(resources, "rollout"))
@@ -98,6 +113,31 @@ class Controller:
                  for e, off in zip(self.engines, offsets, strict=True)]  # fmt: skip
         ray.get([self.learner.connect_weight_sync(), *joins])
         self.plan = self.learner.weight_plan()
+        if found is not None:
+            self._resume(found)
+
+    def _resume(self, found: Path) -> None:
+        state = json.loads((found / "controller" / "state.json").read_text())
+        meta = self.learner.load_checkpoint(found)
+        if meta.step != state["step"]:
+            raise checkpoint.CheckpointError(f"{found}: learner step {meta.step} != controller step {state['step']}")
+        self.step, self.version = state["step"], state["version"]
+        samples = self.task.samples("train")
+        self.prompts = PromptStream(samples, self.cfg.task.seed, PromptStreamState(**state["prompts"]))
+        by_id = {s.id: s for s in samples}
+        self.prompts.requeue([(gid, by_id[sid]) for gid, sid in state.get("requeue", [])])
+        self._sync()  # the engines started from the base model: give them the restored weights
+        self.resumed_from = found
+        log.info(
+            "resumed from %s: step %d, %d group(s) in the buffer snapshot, %d in-flight prompt(s) requeued",
+            found, self.step, ray.get(self.buffer.metrics.remote()).get("buffer/ready_groups", 0),
+            len(self.prompts.requeued),
+        )  # fmt: skip
+
+    def _handed_out(self, gid: str, sample: TaskSample) -> PromptItem:
+        with self._submitted_lock:
+            self._submitted[gid] = sample.id
+        return self.item(gid, sample)
 
     def item(self, gid: str, sample: TaskSample) -> PromptItem:
         text = render_prompt(sample, self.tokenizer, self.cfg.task.system_prompt)
@@ -115,20 +155,37 @@ class Controller:
                 self._run_async()
             else:
                 self._run_sync()
+            self._stop.set()  # the feeder stops handing out prompts before the state is recorded
             ckpt = self.checkpoint()
+        except ray.exceptions.RayActorError as err:
+            raise LearnerFailed(self._failure_message(err)) from err
         finally:
             self._stop.set()
         wall = time.perf_counter() - started
         return RunSummary(
             self.step, self.version, wall, str(ckpt), self.logger.location if self.logger else "", self.rewards,
             self.eval_rewards, self._clock["wait"] / max(wall, 1e-9), self.max_staleness_seen, dict(self._clock),
+            self.stop_reason, self.trained_groups,
         )  # fmt: skip
+
+    def _failure_message(self, err: Exception) -> str:
+        root = self.cfg.output / "checkpoints"
+        try:
+            last = str(checkpoint.latest(root))
+        except (checkpoint.CheckpointError, OSError):
+            last = None
+        how = (
+            f"the last checkpoint is {last}; continue with: vespo train --resume {root}"
+            if last
+            else "no checkpoint was written yet (set train.checkpoint_every to bound the loss); start again"
+        )
+        return f"an actor of the run died at step {self.step} ({type(err).__name__}: {err}); {how}"
 
     def _run_async(self) -> None:
         cfg = self.cfg.train
         feeder = threading.Thread(target=self._feed, name="vespo-feeder", daemon=True)
         feeder.start()
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and self.stop_reason is None:
             t0 = time.perf_counter()
             payload = None
             while payload is None:
@@ -158,7 +215,7 @@ class Controller:
                     want = cfg.max_inflight_groups - count
                     items = []
                     while want > 0 and ray.get(self.buffer.may_start.remote(self.step, 1)):
-                        items.append(self.item(*self.prompts.next()))
+                        items.append(self._handed_out(*self.prompts.next()))
                         want -= 1
                     if items:
                         engine.submit.remote(items)
@@ -170,9 +227,9 @@ class Controller:
 
     def _run_sync(self) -> None:
         cfg = self.cfg.train
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and self.stop_reason is None:
             t0 = time.perf_counter()
-            items = [self.item(*p) for p in self.prompts.take(cfg.groups_per_step * cfg.staleness_ratio)]
+            items = [self._handed_out(*p) for p in self.prompts.take(cfg.groups_per_step * cfg.staleness_ratio)]
             shares = [items[i :: len(self.engines)] for i in range(len(self.engines))]
             results = ray.get([e.generate.remote(s) for e, s in zip(self.engines, shares, strict=True) if s])
             self._clock["generate"] += time.perf_counter() - t0
@@ -186,6 +243,7 @@ class Controller:
             for k in range(cfg.staleness_ratio):
                 if self.step >= cfg.steps:
                     break
+                # a stop mid-batch still trains the rest of it: its groups are in no buffer to resume from
                 chunk = [
                     t for gid in order[k * cfg.groups_per_step : (k + 1) * cfg.groups_per_step] for t in groups[gid]
                 ]
@@ -198,6 +256,10 @@ class Controller:
     # -- one step -------------------------------------------------------------------------
 
     def _train(self, trajs: list[Trajectory], staleness: list[int]) -> None:
+        with self._submitted_lock:
+            for gid in dict.fromkeys(t.group_id for t in trajs):
+                self._submitted.pop(gid, None)
+                self.trained_groups.append(gid)
         trajs = [t for t in trajs if "reward_error" not in t.extra]  # marked samples never train
         t0 = time.perf_counter()
         batch = self.learner.make_batch(trajs, self.pad_id)
@@ -264,7 +326,15 @@ class Controller:
             path.mkdir(parents=True, exist_ok=True)
             (path / "state.json").write_text(json.dumps(state, indent=1))
 
-        extra = {"buffer": lambda p: ray.get(self.buffer.snapshot.remote(str(p))), "controller": write_state}
+        def snapshot_buffer(path: Path) -> None:
+            # Prompts handed out whose groups the buffer had not received by the snapshot are
+            # in flight: a resumed run hands them out again, so none is lost or trained twice.
+            seen = set(ray.get(self.buffer.snapshot_seen_groups.remote(str(path))))
+            with self._submitted_lock:
+                state["requeue"] = [[gid, sid] for gid, sid in self._submitted.items() if gid not in seen]
+
+        # the buffer first: the controller state records what it did not hold
+        extra = {"buffer": snapshot_buffer, "controller": write_state}
         return self.learner.save_checkpoint(root, self.step, self.version, extra)
 
     def shutdown(self) -> None:
@@ -279,6 +349,10 @@ class Controller:
             self.learner.shutdown()
         if getattr(self, "buffer", None) is not None:
             ray.kill(self.buffer)
+
+
+class LearnerFailed(RuntimeError):
+    """A learner rank or another actor the loop depends on died; the message says how to resume."""
 
 
 def resolve_model(model: str) -> str:

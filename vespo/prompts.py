@@ -25,9 +25,16 @@ class PromptStream:
         self.samples, self.seed = samples, seed
         self.state = state or PromptStreamState()
         self._order = self._shuffled(self.state.epoch)
+        self.requeued: list[tuple[str, TaskSample]] = []  # handed out before a resume, never received
+
+    def requeue(self, items: list[tuple[str, TaskSample]]) -> None:
+        """Prompts to hand out again, first and under their old group ids (resume)."""
+        self.requeued = list(items) + self.requeued
 
     def next(self) -> tuple[str, TaskSample]:
         """(group id, sample) of the next prompt."""
+        if self.requeued:
+            return self.requeued.pop(0)
         if self.state.position >= len(self._order):
             self.state = PromptStreamState(self.state.epoch + 1, 0)
             self._order = self._shuffled(self.state.epoch)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from rich.console import Console
 
@@ -22,32 +24,69 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", nargs="?", help="YAML config file (default: the embedded tiny run)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 learner.lr=1e-5")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue a run from a checkpoint (a step directory, or a checkpoints root: its newest complete step); "
+        "without CONFIG the run's own config is used, overrides apply on top (e.g. train.steps=1000)",
+    )
     args = parser.parse_args(argv)
     if args.config and "=" in args.config and not os.path.exists(args.config):
         args.overrides.insert(0, args.config)  # `vespo train key=value` without a file
         args.config = None
+    from learner.checkpoint import CheckpointError
+
     console = Console()
     try:
-        cfg = run_config.load(args.config, args.overrides)
-    except (typed_config.ConfigError, ValueError) as err:
-        console.print(f"[red]config error:[/] {err}")
+        if args.resume and not args.config:
+            cfg = config_of_checkpoint(args.resume, args.overrides)
+        else:
+            cfg = run_config.load(args.config, args.overrides)
+    except (typed_config.ConfigError, ValueError, OSError, CheckpointError) as err:
+        console.print(f"[red]config error:[/] {err}", soft_wrap=True)
         sys.exit(2)
     if args.print_config:
         import yaml
 
         console.print(yaml.safe_dump(typed_config.to_dict(cfg), sort_keys=False))
         return
-    summary = run(cfg, console)
+    from vespo.controller import LearnerFailed
+
+    try:
+        summary = run(cfg, console, resume=args.resume)
+    except CheckpointError as err:
+        console.print(f"[red]cannot resume:[/] {err}", soft_wrap=True)
+        sys.exit(2)
+    except LearnerFailed as err:
+        console.print(f"[red]run failed:[/] {err}", soft_wrap=True, highlight=False)
+        sys.exit(1)
+    verb = f"stopped by {summary.stopped}" if summary.stopped else "done"
     console.print(
-        f"[bold green]done[/]: {summary.steps} steps in {summary.wall_s:.0f}s, reward "
+        f"[bold green]{verb}[/]: {summary.steps} steps in {summary.wall_s:.0f}s, reward "
         f"{_first_last(summary.rewards)}\n  checkpoint: {summary.checkpoint}\n  wandb: {summary.wandb}",
         soft_wrap=True,
         highlight=False,
     )
+    if summary.stopped:
+        console.print(f"  resume with: vespo train --resume {summary.checkpoint}", soft_wrap=True, highlight=False)
+        sys.exit(128 + getattr(signal, summary.stopped, signal.SIGTERM).value)
 
 
-def run(cfg: run_config.RunConfig, console: Console | None = None):
-    """Run training to the end; returns the RunSummary. Ray is left running if it was already up."""
+def config_of_checkpoint(path: str, overrides: list[str]) -> run_config.RunConfig:
+    """The config a checkpointed run was started with (stored in it), with overrides on top."""
+    import json
+
+    from learner.checkpoint import latest
+
+    data = json.loads((latest(path) / "controller" / "state.json").read_text())["config"]
+    for item in overrides:
+        typed_config.apply_override(data, item)
+    return typed_config.build(run_config.RunConfig, data)
+
+
+def run(cfg: run_config.RunConfig, console: Console | None = None, resume: str | None = None):
+    """Run training to the end (or to a SIGTERM / Ctrl-C, which finish the current step and
+    checkpoint); returns the RunSummary. Ray is left running if it was already up."""
     import ray
 
     from vespo.controller import Controller
@@ -59,16 +98,36 @@ def run(cfg: run_config.RunConfig, console: Console | None = None):
     logger = RunLogger(cfg.wandb, typed_config.to_dict(cfg), console, total_steps=cfg.train.steps)
     controller = Controller(cfg, logger)
     console.print(f"[bold]vespo[/] {cfg.train.mode} run: {cfg.train.steps} steps, model {cfg.model}, "
-                  f"task {cfg.task.name}, objective {cfg.learner.objective}; wandb: {logger.location}",
-                  soft_wrap=True)  # fmt: skip
+                  f"task {cfg.task.name}, objective {cfg.learner.objective}; wandb: {logger.location}"
+                  + (f"; resuming from {resume}" if resume else ""), soft_wrap=True)  # fmt: skip
+    previous = {}
     try:
-        controller.setup()
+        controller.setup(resume=resume)
+        previous = _stop_on_signals(controller, console)
         return controller.run()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         controller.shutdown()
         logger.finish()
         if not was_up and ray.is_initialized():
             ray.shutdown()
+
+
+def _stop_on_signals(controller, console: Console) -> dict:
+    """SIGTERM / SIGINT: finish the step, checkpoint, shut down. A second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        if controller.stop_reason is not None:
+            raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
+        console.print(f"[yellow]{name}[/]: finishing the current step, then checkpoint and shut down "
+                      "(send it again to stop at once)")  # fmt: skip
+        controller.request_stop(name)
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 def _first_last(values: list[float]) -> str:
