@@ -196,7 +196,8 @@ class Controller:
                     raise TimeoutError(f"no batch of {cfg.groups_per_step} fresh groups in {cfg.batch_timeout_s}s")
             self._clock["wait"] += time.perf_counter() - t0
             batch = unpack_batch(payload)
-            self._train(batch.trajectories, batch.staleness)
+            if not self._train(batch.trajectories, batch.staleness):
+                continue
             if self.step % cfg.sync_every == 0:
                 self._sync()
             self._after_step()
@@ -249,18 +250,26 @@ class Controller:
                 ]
                 if not chunk:
                     continue
-                self._train(chunk, [t.staleness(self.step) for t in chunk])
-                self._after_step()
+                if self._train(chunk, [t.staleness(self.step) for t in chunk]):
+                    self._after_step()
             self._sync()
 
     # -- one step -------------------------------------------------------------------------
 
-    def _train(self, trajs: list[Trajectory], staleness: list[int]) -> None:
+    def _train(self, trajs: list[Trajectory], staleness: list[int]) -> bool:
+        """One learner step on these samples; False when none was fit to train on (skipped)."""
         with self._submitted_lock:
             for gid in dict.fromkeys(t.group_id for t in trajs):
                 self._submitted.pop(gid, None)
                 self.trained_groups.append(gid)
         trajs = [t for t in trajs if "reward_error" not in t.extra]  # marked samples never train
+        trajs, bad = finite_only(trajs)
+        if bad:
+            log.warning("step %d: %d sample(s) skipped: %s", self.step + 1, len(bad), "; ".join(bad[:3]))
+        self._skipped_nonfinite = getattr(self, "_skipped_nonfinite", 0) + len(bad)
+        if not trajs:
+            log.error("step %d: batch skipped, no sample with finite log-probs and reward", self.step + 1)
+            return False
         t0 = time.perf_counter()
         batch = self.learner.make_batch(trajs, self.pad_id)
         if self.cfg.train.recompute_old_logprobs:
@@ -279,7 +288,9 @@ class Controller:
             "staleness/batch_max": float(max(staleness, default=0)), "staleness/batch_mean": float(np.mean(staleness)),
             "version/engine": float(self.version), "version/lag": float(self.step - self.version),
         })  # fmt: skip
+        metrics["data/skipped_nonfinite"] = float(self._skipped_nonfinite)
         self._pending = (metrics, staleness)
+        return True
 
     def _sync(self) -> None:
         t0 = time.perf_counter()
@@ -349,6 +360,21 @@ class Controller:
             self.learner.shutdown()
         if getattr(self, "buffer", None) is not None:
             ray.kill(self.buffer)
+
+
+def finite_only(trajs: list[Trajectory]) -> tuple[list[Trajectory], list[str]]:
+    """Samples whose behaviour log-probs and reward are all finite, and why the others are not:
+    one NaN from an engine would make the whole step NaN."""
+    kept, reasons = [], []
+    for t in trajs:
+        lp = np.asarray(t.behavior_logprobs, dtype=np.float64)
+        if not np.isfinite(lp).all():
+            reasons.append(f"{t.traj_id}: {int((~np.isfinite(lp)).sum())} non-finite behaviour log-prob(s)")
+        elif not np.isfinite(t.reward):
+            reasons.append(f"{t.traj_id}: reward {t.reward}")
+        else:
+            kept.append(t)
+    return kept, reasons
 
 
 class LearnerFailed(RuntimeError):
