@@ -87,3 +87,34 @@ def test_partial_checkpoint_is_refused_with_the_reason(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and "partial or corrupt" in done.stdout
+
+
+def test_a_dead_learner_rank_stops_the_run_with_how_to_resume(tmp_path):
+    import threading
+
+    import ray
+
+    from vespo import run_config
+    from vespo.controller import Controller, LearnerFailed
+
+    cfg = run_config.load(None, ["train.steps=500", "train.checkpoint_every=2", *OVERRIDES,
+                                 f"train.output_dir={tmp_path}", "wandb.mode=disabled"])  # fmt: skip
+    controller = Controller(cfg)
+    try:
+        controller.setup()
+
+        def kill_rank_after_a_checkpoint():
+            while not (tmp_path / "checkpoints" / "latest").exists():
+                time.sleep(0.1)
+            ray.kill(controller.learner.workers[0])  # fault injection: rank 0 dies mid-run
+
+        threading.Thread(target=kill_rank_after_a_checkpoint, daemon=True).start()
+        with pytest.raises(LearnerFailed) as failure:
+            controller.run()
+    finally:
+        controller.shutdown()
+        ray.shutdown()
+    message = str(failure.value)
+    assert "an actor of the run died at step" in message and "ActorDiedError" in message
+    assert f"continue with: vespo train --resume {tmp_path}/checkpoints" in message
+    assert latest(tmp_path / "checkpoints").name.startswith("step_")
