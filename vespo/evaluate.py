@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,18 +101,14 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vespo eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", nargs="?", help="YAML run config (default: the embedded tiny run)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0")
+    run_config.add_config_arguments(parser, "YAML run config (default: the embedded tiny run)", "rollout.temperature=0")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", help="a checkpoint step directory, or a checkpoints root (its newest step)")
     which.add_argument("--model", help="a local Hugging Face model directory (default: the config's model)")
     parser.add_argument("--prompts", type=int, help="held-out prompts to score (default: train.eval_prompts)")
     parser.add_argument("--samples", type=int, default=1, help="responses per prompt (pass@k uses all of them)")
     parser.add_argument("--json", help="also write the result to this JSON file")
-    args = parser.parse_args(argv)
-    if args.config and "=" in args.config and not os.path.exists(args.config):
-        args.overrides.insert(0, args.config)
-        args.config = None
+    args = run_config.parse_config_arguments(parser, argv)
     console = Console()
     try:
         cfg = run_config.load(args.config, args.overrides)

@@ -53,13 +53,9 @@ def describe(cfg: run_config.RunConfig, p: Plan) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vespo plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", nargs="?", help="YAML run config (default: the embedded tiny run)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.num_engines=8")
+    run_config.add_config_arguments(parser, "YAML run config (default: the embedded tiny run)", "train.num_engines=8")
     parser.add_argument("--cluster", help="Ray cluster launcher YAML or a nodes: list (default: this machine)")
-    args = parser.parse_args(argv)
-    if args.config and "=" in args.config and not os.path.exists(args.config):
-        args.overrides.insert(0, args.config)
-        args.config = None
+    args = run_config.parse_config_arguments(parser, argv)
     console = Console()
     try:
         cfg = run_config.load(args.config, args.overrides)

@@ -7,6 +7,8 @@ combinations) are checked here, once, with messages that say which keys to chang
 
 from __future__ import annotations
 
+import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -90,3 +92,18 @@ class RunConfig:
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     return typed_config.load(RunConfig, path, overrides)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, example: str) -> None:
+    """The `[CONFIG] [key=value ...]` positionals every `vespo` command that takes a run config shares."""
+    parser.add_argument("config", nargs="?", help=config_help)
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+
+
+def parse_config_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting `vespo CMD key=value` (no file) mean overrides of the embedded config."""
+    args = parser.parse_args(argv)
+    if args.config and "=" in args.config and not os.path.exists(args.config):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return args

@@ -77,8 +77,9 @@ def build_command(args: argparse.Namespace, submission_id: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vespo submit", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", nargs="?", help="YAML run config inside the project (default: the embedded run)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
+    run_config.add_config_arguments(
+        parser, "YAML run config inside the project (default: the embedded run)", "train.steps=10"
+    )
     parser.add_argument(
         "--address",
         default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265",
@@ -90,10 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--entrypoint-num-cpus", type=float, default=0, help="CPUs reserved for the driver")
     parser.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     parser.add_argument("--dry-run", action="store_true", help="print the ray job submit command and exit")
-    args = parser.parse_args(argv)
-    if args.config and "=" in args.config and not os.path.exists(args.config):
-        args.overrides.insert(0, args.config)
-        args.config = None
+    args = run_config.parse_config_arguments(parser, argv)
     console = Console()
     try:
         cfg = run_config.load(args.config, args.overrides)  # fail here, not on the cluster

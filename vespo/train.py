@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -21,8 +20,9 @@ from vespo.run_logger import RunLogger
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vespo train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", nargs="?", help="YAML config file (default: the embedded tiny run)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 learner.lr=1e-5")
+    run_config.add_config_arguments(
+        parser, "YAML config file (default: the embedded tiny run)", "train.steps=10 learner.lr=1e-5"
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
         "--resume",
@@ -30,10 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         help="continue a run from a checkpoint (a step directory, or a checkpoints root: its newest complete step); "
         "without CONFIG the run's own config is used, overrides apply on top (e.g. train.steps=1000)",
     )
-    args = parser.parse_args(argv)
-    if args.config and "=" in args.config and not os.path.exists(args.config):
-        args.overrides.insert(0, args.config)  # `vespo train key=value` without a file
-        args.config = None
+    args = run_config.parse_config_arguments(parser, argv)
     from learner.checkpoint import CheckpointError
 
     console = Console()
