@@ -76,6 +76,12 @@ class LearnerGroup:
         addr, port = ray.get(self.workers[0].address.remote())
         ray.get([w.setup.remote(addr, port) for w in self.workers])
 
+    def rebuild(self, cfg: LearnerConfig) -> None:
+        """Every rank starts over from cfg (model, fresh optimizer, objective, seed); see
+        LearnerWorker.rebuild. The weight group and the placement stay."""
+        ray.get([w.rebuild.remote(cfg) for w in self.workers])
+        self.cfg = cfg
+
     def make_batch(self, trajectories: list[Trajectory], pad_id: int = 0) -> TrainBatch:
         rewards = np.array([t.reward for t in trajectories], dtype=np.float32)
         adv = group_advantages(rewards, [t.group_id for t in trajectories], self.cfg.normalize_adv_std)

@@ -45,12 +45,27 @@ class LearnerWorker:
             MASTER_PORT=str(master_port),
         )
         import deepspeed
-        from transformers import AutoModelForCausalLM
 
         self.cfg, self.rank = cfg, rank
+        deepspeed.init_distributed(dist_backend=backend(), rank=rank, world_size=cfg.world_size, verbose=False)
+        self._build(cfg)
+
+    def rebuild(self, cfg: LearnerConfig) -> None:
+        """Start over from the model at cfg.model_path with a fresh optimizer, objective and
+        seed, keeping the process group and the weight group: a sweep runs many short
+        trainings on one set of actors instead of paying their start-up each time."""
+        if (cfg.world_size, cfg.zero_stage) != (self.cfg.world_size, self.cfg.zero_stage):
+            raise ValueError("rebuild keeps the process group: world_size and zero_stage must not change")
+        self.engine.destroy()
+        self.cfg = cfg
+        self._build(cfg)
+
+    def _build(self, cfg: LearnerConfig) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
         self.objective_config = make_config(cfg.objective, cfg.objective_config)
         torch.manual_seed(cfg.seed)
-        deepspeed.init_distributed(dist_backend=backend(), rank=rank, world_size=cfg.world_size, verbose=False)
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
         optimizer = torch.optim.AdamW(
@@ -98,6 +113,7 @@ class LearnerWorker:
     def _forward_backward(self, batch: TrainBatch, totals: dict[str, float], backward: bool) -> dict[str, float]:
         lengths = batch.attention_mask.sum(-1).tolist()
         sums: dict[str, float] = {}
+        extremes: dict[str, float] = {}
         weight_total = 0.0
         clock = {"perf/forward_s": 0.0, "perf/objective_s": 0.0, "perf/backward_s": 0.0}
         for rows in micro_batches(lengths, self.cfg.micro_batch_tokens):
@@ -135,9 +151,14 @@ class LearnerWorker:
             weight = float(micro.response_mask.sum())
             weight_total += weight
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * weight
+                if k.endswith(("_max", "_min")):  # extremes over micro-batches, not their mean
+                    pick = max if k.endswith("_max") else min
+                    extremes[k] = pick(extremes.get(k, v), v)
+                else:
+                    sums[k] = sums.get(k, 0.0) + v * weight
             sums["loss_share"] = sums.get("loss_share", 0.0) + float(loss.detach()) * share
         out = {k: v / max(weight_total, 1.0) for k, v in sums.items() if k != "loss_share"}
+        out.update(extremes)
         out["actor/loss"] = sums.get("loss_share", 0.0)  # this rank's part of the batch loss
         out.update(clock)
         versions = batch.token_versions[batch.token_versions >= 0]
@@ -279,7 +300,17 @@ _MERGE = {
 
 
 def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
-    """Ranks' metrics: the loss adds up (each rank holds its share), version bounds take the
-    extreme, everything else is averaged."""
+    """Ranks' metrics: the loss adds up (each rank holds its share), version bounds and
+    *_max / *_min statistics take the extreme, everything else is averaged."""
     keys = set().union(*per_rank)
-    return {k: float(_MERGE.get(k, np.mean)([m[k] for m in per_rank if k in m])) for k in sorted(keys)}
+    return {k: float(_merge_rule(k)([m[k] for m in per_rank if k in m])) for k in sorted(keys)}
+
+
+def _merge_rule(key: str):
+    if key in _MERGE:
+        return _MERGE[key]
+    if key.endswith("_max"):
+        return max
+    if key.endswith("_min"):
+        return min
+    return np.mean

@@ -112,6 +112,32 @@ def test_repeating_a_response_squares_w():
     assert w1 == pytest.approx(math.exp(0.45), rel=1e-5)
 
 
+def test_length_normalised_ablation_uses_the_geometric_mean():
+    """The ablation (length_norm) is what property 3 rules out for VESPO proper: repeating a
+    response leaves its weight unchanged, and W is exp(s / length)."""
+    lp = torch.log(torch.tensor([[0.5, 0.3, 0.9]]))
+    mu = lp - torch.tensor([[0.2, -0.1, 0.35]])
+    adv, mask = torch.ones(1, 3), torch.ones(1, 3)
+    cfg = {"length_norm": True}
+    w1 = compute_loss("vespo", lp, mu, adv, mask, cfg)[1]["vespo/W_max"]
+    doubled = [torch.cat([x, x], dim=1) for x in (lp, mu, adv, mask)]
+    _, m2 = compute_loss("vespo", *doubled, cfg)
+    assert w1 == pytest.approx(math.exp(0.45 / 3), rel=1e-5)
+    assert m2["vespo/W_max"] == pytest.approx(w1, rel=1e-5)
+    assert m2["vespo/phi_max"] == pytest.approx(phi(math.log(w1), 2.0, 3.0).item(), rel=1e-5)
+    # the objective-independent weight metric still reports the true sequence weight
+    assert m2["actor/seq_w_max"] == pytest.approx(math.exp(0.9), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_every_objective_reports_the_true_sequence_weight(name):
+    lp, mu, adv, mask = random_batch(4, spread=1.0)
+    w = torch.exp(((lp - mu) * mask).sum(-1))
+    _, m = compute_loss(name, lp, mu, adv, mask)
+    assert m["actor/seq_w_max"] == pytest.approx(w.max().item(), rel=1e-5)
+    assert m["actor/seq_w_mean"] == pytest.approx(w.mean().item(), rel=1e-5)
+
+
 # --- property 4: extremes, masked rows, empty batches -----------------------------------------
 
 

@@ -10,6 +10,7 @@ staleness_ratio sequential updates on them, broadcast, repeat (the paper's "N").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -116,6 +117,47 @@ class Controller:
         if found is not None:
             self._resume(found)
 
+    def begin_run(self, cfg: RunConfig, logger: RunLogger | None = None) -> None:
+        """Start another training run on the actors already up: the learner starts over from
+        the model (fresh optimizer, cfg's objective, lr and seed), the engines get those
+        weights, a new buffer takes cfg.buffer, the prompt stream starts from cfg.task.seed.
+        What cannot change without new actors (model, task, engines, learner layout) must
+        equal the running config. A sweep of many short runs pays start-up once this way."""
+        old = self.cfg
+        fixed = {
+            "model": (cfg.model, old.model),
+            "task (other than its seed)": (dataclasses.replace(cfg.task, seed=old.task.seed), old.task),
+            "rollout": (cfg.rollout, old.rollout),
+            "train.num_engines": (cfg.train.num_engines, old.train.num_engines),
+            "learner.world_size": (cfg.learner.world_size, old.learner.world_size),
+            "learner.zero_stage": (cfg.learner.zero_stage, old.learner.zero_stage),
+        }
+        changed = [name for name, (new, was) in fixed.items() if new != was and name != "rollout"]
+        cfg.rollout.model_path = cfg.learner.model_path = old.learner.model_path
+        if cfg.rollout != old.rollout:
+            changed.append("rollout")
+        if changed:
+            raise ValueError(f"begin_run keeps the actors, so these must not change: {', '.join(changed)}")
+        self._stop.set()
+        ray.get([e.drain.remote() for e in self.engines])  # nothing of the last run still on its way
+        buffer, self.buffer = self.buffer, buffer_actor(cfg.buffer)
+        ray.get([e.set_buffer.remote(self.buffer) for e in self.engines])
+        ray.kill(buffer)
+        self.learner.rebuild(cfg.learner)
+        self.cfg, self.logger = cfg, logger
+        self.step = self.version = 0
+        self._stop = threading.Event()
+        self._feeder_error = None
+        self._clock = dict.fromkeys(self._clock, 0.0)
+        self._submitted = {}
+        self._skipped_nonfinite = 0
+        self._last = None
+        self.stop_reason, self.resumed_from, self.trained_groups = None, None, []
+        self.task = make_task(cfg.task)
+        self.prompts = PromptStream(self.task.samples("train"), seed=cfg.task.seed)
+        self.eval_samples = self.task.samples("eval")[: cfg.train.eval_prompts]
+        self._sync()
+
     def _resume(self, found: Path) -> None:
         state = json.loads((found / "controller" / "state.json").read_text())
         meta = self.learner.load_checkpoint(found)
@@ -145,7 +187,9 @@ class Controller:
 
     # -- the loops ------------------------------------------------------------------------
 
-    def run(self) -> RunSummary:
+    def run(self, checkpoint: bool = True) -> RunSummary:
+        """Train to cfg.train.steps (or a stop request); `checkpoint=False` skips the final
+        checkpoint (sweeps that only want the metrics)."""
         started = time.perf_counter()
         self.rewards: list[float] = []
         self.eval_rewards: list[tuple[int, float]] = []
@@ -156,7 +200,7 @@ class Controller:
             else:
                 self._run_sync()
             self._stop.set()  # the feeder stops handing out prompts before the state is recorded
-            ckpt = self.checkpoint()
+            ckpt = self.checkpoint() if checkpoint else ""
         except ray.exceptions.RayActorError as err:
             raise LearnerFailed(self._failure_message(err)) from err
         finally:

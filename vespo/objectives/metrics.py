@@ -69,7 +69,12 @@ def policy_metrics(loss: torch.Tensor, lengths: np.ndarray, seq_log_weight: np.n
     """
     n_seqs = float(np.count_nonzero(lengths))
     per_token = seq_log_weight / np.maximum(lengths, 1.0)  # empty rows have s = 0
+    # The true sequence weight W = pi/mu = exp(s), whatever the objective does with it: how
+    # far off-policy the batch is (bench/staleness_sweep.py tabulates its max and mean).
+    w = np.exp(np.clip(seq_log_weight, -20.0, 20.0))[lengths > 0]
     return {
+        "actor/seq_w_max": float(w.max()) if len(w) else 0.0,
+        "actor/seq_w_mean": float(w.mean()) if len(w) else 0.0,
         "actor/pg_loss": float(loss.detach()),
         "actor/ppo_kl": -float(per_token.sum()) / n_seqs if n_seqs else 0.0,
         "actor/n_tokens": float(lengths.sum()),

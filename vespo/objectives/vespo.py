@@ -46,6 +46,10 @@ class VespoConfig:
     # If set, (k, lambda) of both shapes are scaled by one factor per batch, the largest that
     # keeps the normalised ESS of phi at or above this target (vespo.objectives.autotune).
     target_ess: float | None = None
+    # Ablation only: phi of the per-token geometric mean exp(s / length) instead of the true
+    # sequence weight exp(s), as GSPO does. The paper reports that this variant fails under
+    # staleness; bench/staleness_sweep.py compares it (docs/results.md).
+    length_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("k_pos", "k_neg", "lambda_pos", "lambda_neg"):
@@ -85,7 +89,10 @@ def vespo_objective(
     s_pi_mu, seq_adv, lengths = rows[:3]
     mismatch = rows[3] if rollout_is_weights is not None else None
     # The mismatch term turns W = pi/pi_old into pi/pi_sampler; clamp after all terms are in.
-    s = np.clip(s_pi_mu if mismatch is None else s_pi_mu + mismatch, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    s = s_pi_mu if mismatch is None else s_pi_mu + mismatch
+    if config.length_norm:
+        s = s / np.maximum(lengths, 1.0)
+    s = np.clip(s, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     pos = seq_adv >= 0
     valid = lengths > 0
     k = np.where(pos, config.k_pos, config.k_neg)

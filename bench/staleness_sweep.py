@@ -1,0 +1,304 @@
+"""Stability under staleness: every objective at staleness ratio N = 1, 4, 16, 64 (sync) and in
+fully async mode, several seeds, one fixed compute budget, on our own system.
+
+Every cell is a real training run (vLLM engine, replay buffer, DeepSpeed learner, weight
+broadcast), but all cells share one set of actors: `Controller.begin_run` starts the learner
+over from the model with the cell's objective and seed, gives the engine those weights and a
+fresh buffer. That saves the ~90 s of start-up per cell that would otherwise eat the budget.
+
+The budget is the same for every cell: `--steps` learner updates of `--groups-per-step`
+prompts x rollout.n samples. Sync N generates N x groups-per-step prompts with one set of
+weights and makes N updates on them, so the last mini-batch is N-1 versions stale (the
+paper's N). Async runs the usual async loop with `--async-max-staleness` as the cap.
+
+Outputs under --out: steps.csv (every step of every cell), cells.csv (one row a cell),
+table.md (the table for docs/results.md), reward_vs_step.png, and a wandb offline run per
+cell under wandb/. A cell already in cells.csv is skipped, so a stopped sweep continues.
+
+    python -m bench.staleness_sweep                    # reduced settings: < 60 min on 2 cores
+    python -m bench.staleness_sweep --seeds 0 1 2 --steps 400 --groups-per-step 64 ...  # GPU node
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+# name -> (objective, objective_config)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "vespo": ("vespo", {}),
+    "vespo-auto": ("vespo", {"target_ess": 0.6}),  # (k, lambda) scaled per batch from a target ESS
+    "vespo-lennorm": ("vespo", {"length_norm": True}),  # ablation: geometric-mean weight
+    "grpo": ("grpo", {}),
+    "gspo": ("gspo", {}),
+    "sapo": ("sapo", {}),
+    "cispo": ("cispo", {}),
+}
+MODES = ("sync-1", "sync-4", "sync-16", "sync-64", "async")
+STEP_KEYS = {  # steps.csv column -> logged metric
+    "reward": "reward/mean",
+    "eval_accuracy": "eval/accuracy",
+    "seq_w_max": "actor/seq_w_max",
+    "seq_w_mean": "actor/seq_w_mean",
+    "staleness_max": "staleness/token_max",
+    "grad_norm": "actor/grad_norm",
+    "kl": "actor/ppo_kl",
+    "response_len": "response/length_mean",
+    "vespo_shape_scale": "vespo/shape_scale",
+    "vespo_ess": "vespo/ess",
+}
+CELL_FIELDS = ["variant", "mode", "seed", "steps", "start_reward", "peak_reward", "final_reward", "final_eval_accuracy",
+               "collapsed", "seq_w_max", "seq_w_mean", "max_staleness", "wall_s"]  # fmt: skip
+
+
+@dataclass
+class Cell:
+    variant: str
+    mode: str
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.variant, self.mode, str(self.seed))
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}_{self.mode}_s{self.seed}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.staleness_sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--modes", nargs="+", default=list(MODES), help="sync-N (any N >= 1) or async")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--steps", type=int, default=128, help="learner updates per cell (the fixed budget)")
+    p.add_argument("--groups-per-step", type=int, default=16, help="prompts per update (x rollout.n samples)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--async-max-staleness", type=int, default=8)
+    p.add_argument("--eval-every", type=int, default=0, help="0: evaluate only after the last step")
+    p.add_argument("--smooth", type=int, default=8, help="moving-average window (steps) for peak/final/collapse")
+    p.add_argument("--collapse-drop", type=float, default=0.10,
+                   help="collapsed: the smoothed reward rose, then fell this far below where it started")  # fmt: skip
+    p.add_argument("--out", default="runs/staleness_sweep")
+    p.add_argument("--config", default=None, help="base YAML config (default: the embedded tiny run)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides on the base config, e.g. rollout.n=4")
+    args = p.parse_args(argv)
+    for mode in args.modes:
+        if mode != "async" and not (mode.startswith("sync-") and mode[5:].isdigit() and int(mode[5:]) >= 1):
+            p.error(f"mode {mode!r}: use sync-N (N >= 1) or async")
+    return args
+
+
+def cell_config(args: argparse.Namespace, cell: Cell):
+    """The run config of one cell: the base config plus the cell's objective, mode and seed."""
+    from vespo import run_config
+
+    cfg = run_config.load(args.config, args.overrides)
+    objective, options = VARIANTS[cell.variant]
+    n = 1 if cell.mode == "async" else int(cell.mode[5:])
+    staleness = args.async_max_staleness if cell.mode == "async" else max(cfg.buffer.max_staleness, n - 1)
+    # replace() re-runs each section's validation
+    learner = replace(cfg.learner, objective=objective, objective_config=dict(options), lr=args.lr, seed=cell.seed)
+    train = replace(cfg.train, mode="async" if cell.mode == "async" else "sync", staleness_ratio=n, steps=args.steps,
+                    groups_per_step=args.groups_per_step, eval_every=args.eval_every or args.steps,
+                    output_dir=str(Path(args.out) / "cells" / cell.name))  # fmt: skip
+    wandb = replace(cfg.wandb, dir=str(Path(args.out)), run_name=cell.name, project="vespo-staleness-sweep")
+    capacity = max(cfg.buffer.capacity, 2 * n * args.groups_per_step * cfg.rollout.n)  # one sync-N batch fits
+    return replace(cfg, learner=learner, train=train, wandb=wandb, task=replace(cfg.task, seed=cell.seed),
+                   buffer=replace(cfg.buffer, max_staleness=staleness, capacity=capacity))  # fmt: skip
+
+
+def summarise(cell: Cell, rows: list[dict], wall_s: float, smooth: int, drop: float) -> dict:
+    """One cell's row: start / peak / final smoothed reward, collapse, sequence weights."""
+    reward = np.array([r["reward"] for r in rows], dtype=np.float64)
+    window = max(1, min(smooth, len(reward)))
+    smoothed = np.convolve(reward, np.ones(window) / window, mode="valid")
+    start, peak_at = float(smoothed[0]), int(np.argmax(smoothed))
+    peak, final = float(smoothed[peak_at]), float(smoothed[-1])
+    collapsed = peak > start + 0.02 and float(smoothed[peak_at:].min()) < start - drop
+    evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") not in (None, "")]
+    w_max = [r["seq_w_max"] for r in rows if r.get("seq_w_max") not in (None, "")]
+    w_mean = [r["seq_w_mean"] for r in rows if r.get("seq_w_mean") not in (None, "")]
+    return {
+        "variant": cell.variant, "mode": cell.mode, "seed": cell.seed, "steps": len(rows),
+        "start_reward": round(start, 4), "peak_reward": round(peak, 4), "final_reward": round(final, 4),
+        "final_eval_accuracy": round(float(evals[-1]), 4) if evals else "",
+        "collapsed": int(collapsed), "seq_w_max": float(np.max(w_max)) if w_max else "",
+        "seq_w_mean": round(float(np.mean(w_mean)), 4) if w_mean else "",
+        "max_staleness": max((r.get("staleness_max") or 0) for r in rows), "wall_s": round(wall_s, 1),
+    }  # fmt: skip
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def _float(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def table(cells: list[dict], variants: list[str], modes: list[str]) -> str:
+    """Markdown: per variant and mode, final reward (mean over seeds, with min-max), collapses,
+    the largest sequence weight W seen and the mean W."""
+    by = {}
+    for row in cells:
+        by.setdefault((row["variant"], row["mode"]), []).append(row)
+    lines = ["| objective | mode | final reward (seeds: mean, min-max) | final eval acc | collapsed | max W | mean W |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for v in variants:
+        for m in modes:
+            rows = by.get((v, m), [])
+            if not rows:
+                continue
+            final = np.array([_float(r["final_reward"]) for r in rows])
+            acc = np.array([_float(r["final_eval_accuracy"]) for r in rows])
+            collapsed = sum(int(_float(r["collapsed"])) for r in rows)
+            w_max = np.nanmax([_float(r["seq_w_max"]) for r in rows])
+            w_mean = np.nanmean([_float(r["seq_w_mean"]) for r in rows])
+            lines.append(
+                f"| {v} | {m} | {final.mean():.3f} ({final.min():.2f}-{final.max():.2f}) | {np.nanmean(acc):.3f} "
+                f"| {collapsed}/{len(rows)} | {w_max:.3g} | {w_mean:.3g} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(steps: list[dict], variants: list[str], modes: list[str], smooth: int, path: Path) -> None:
+    """Reward vs learner step: one panel per mode, one line per objective (mean over seeds,
+    moving average), the seeds' range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), sharey=True, squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for i, v in enumerate(variants):
+            runs = {}
+            for r in steps:
+                if r["variant"] == v and r["mode"] == mode:
+                    runs.setdefault(r["seed"], []).append((int(r["step"]), _float(r["reward"])))
+            if not runs:
+                continue
+            length = min(len(x) for x in runs.values())
+            curves = np.array([[y for _, y in sorted(x)[:length]] for x in runs.values()])
+            window = max(1, min(smooth, length))
+            kernel = np.ones(window) / window
+            sm = np.array([np.convolve(c, kernel, mode="valid") for c in curves])
+            x = np.arange(window, length + 1)
+            style = "-" if v.startswith("vespo") else "--"
+            ax.plot(x, sm.mean(0), style, color=colours(i), label=v, linewidth=1.6)
+            if len(sm) > 1:
+                ax.fill_between(x, sm.min(0), sm.max(0), color=colours(i), alpha=0.12)
+        ax.set_title(mode.replace("sync-", "sync, N = "))
+        ax.set_xlabel("learner step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"training reward ({smooth}-step mean)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    from rich.console import Console
+
+    from vespo import typed_config
+    from vespo.controller import Controller
+    from vespo.run_logger import RunLogger
+
+    console = Console(highlight=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps_csv, cells_csv = out / "steps.csv", out / "cells.csv"
+    done = {(r["variant"], r["mode"], r["seed"]) for r in read_csv(cells_csv)}
+    cells = [Cell(v, m, s) for s in args.seeds for m in args.modes for v in args.variants]
+    todo = [c for c in cells if c.key not in done]
+    configs = {c.name: cell_config(args, c) for c in todo}  # every cell's config errors before any work
+    console.print(f"staleness sweep: {len(cells)} cells ({len(cells) - len(todo)} already done), "
+                  f"{args.steps} steps x {args.groups_per_step} prompts each; out: {out}")  # fmt: skip
+
+    class Recorder(RunLogger):
+        """The run's logger that also keeps every step's metrics for the CSV (quietly)."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.history: list[dict] = []
+
+        def log(self, metrics, step, histograms=None):
+            if self.run is not None:
+                self.run.log(dict(metrics), step=step)
+            self.history.append({"step": step, **{col: metrics.get(key) for col, key in STEP_KEYS.items()}})
+
+    import ray
+
+    if not ray.is_initialized():  # quiet actors: the sweep prints one line a cell
+        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
+    controller = None
+    started = time.perf_counter()
+    try:
+        for i, cell in enumerate(todo):
+            cfg = configs[cell.name]
+            logger = Recorder(cfg.wandb, typed_config.to_dict(cfg), Console(quiet=True))
+            t0 = time.perf_counter()
+            if controller is None:
+                controller = Controller(cfg, logger)
+                controller.setup()
+                console.print(f"actors up in {time.perf_counter() - started:.0f}s")
+            controller.begin_run(cfg, logger)
+            try:
+                controller.run(checkpoint=False)
+            finally:
+                logger.finish()
+            wall = time.perf_counter() - t0
+            rows = [{"variant": cell.variant, "mode": cell.mode, "seed": cell.seed, **r} for r in logger.history]
+            append_csv(steps_csv, ["variant", "mode", "seed", "step", *STEP_KEYS], rows)
+            summary = summarise(cell, logger.history, wall, args.smooth, args.collapse_drop)
+            append_csv(cells_csv, CELL_FIELDS, [summary])
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (i + 1) * (len(todo) - i - 1)
+            console.print(
+                f"[{i + 1}/{len(todo)}] {cell.name}: reward {summary['start_reward']:.2f} -> peak "
+                f"{summary['peak_reward']:.2f} -> final {summary['final_reward']:.2f}"
+                f"{'  COLLAPSED' if summary['collapsed'] else ''}, max W {summary['seq_w_max']:.3g}, "
+                f"{wall:.0f}s (elapsed {elapsed / 60:.1f} min, eta {eta / 60:.1f} min)"
+            )
+    finally:
+        if controller is not None:
+            controller.shutdown()
+    all_cells, all_steps = read_csv(cells_csv), read_csv(steps_csv)
+    modes = [m for m in args.modes if any(r["mode"] == m for r in all_cells)]
+    (out / "table.md").write_text(table(all_cells, args.variants, modes))
+    plot(all_steps, args.variants, modes, args.smooth, out / "reward_vs_step.png")
+    console.print((out / "table.md").read_text())
+    console.print(f"wrote {steps_csv}, {cells_csv}, {out / 'table.md'}, {out / 'reward_vs_step.png'} "
+                  f"in {(time.perf_counter() - started) / 60:.1f} min")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

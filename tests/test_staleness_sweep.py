@@ -1,0 +1,107 @@
+"""The staleness sweep (bench/staleness_sweep.py): its bookkeeping, and a small real sweep on
+the running system (vLLM engine, buffer, DeepSpeed learner) with actors reused across cells."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from wandb_offline import read_run
+
+from bench import staleness_sweep as sweep
+from vespo import run_config
+from vespo.controller import Controller
+
+
+def rows_of(rewards):
+    return [{"step": i + 1, "reward": r, "seq_w_max": 1.0 + i, "seq_w_mean": 1.0, "staleness_max": 3}
+            for i, r in enumerate(rewards)]  # fmt: skip
+
+
+def test_collapse_means_rising_then_falling_below_the_start():
+    cell = sweep.Cell("grpo", "sync-4", 0)
+    rise_fall = rows_of([0.4] * 10 + [0.6] * 10 + [0.1] * 10)
+    steady = rows_of(list(np.linspace(0.4, 0.8, 30)))
+    never_rose = rows_of([0.4] * 10 + [0.1] * 20)
+    dip_within_margin = rows_of([0.4] * 10 + [0.6] * 10 + [0.35] * 10)
+    got = {name: sweep.summarise(cell, rows, 1.0, smooth=5, drop=0.1)
+           for name, rows in [("rise_fall", rise_fall), ("steady", steady), ("never_rose", never_rose),
+                              ("dip", dip_within_margin)]}  # fmt: skip
+    assert got["rise_fall"]["collapsed"] == 1
+    assert got["rise_fall"]["peak_reward"] == pytest.approx(0.6)
+    assert got["rise_fall"]["final_reward"] == pytest.approx(0.1)
+    assert got["steady"]["collapsed"] == 0 and got["steady"]["final_reward"] > 0.75
+    assert got["never_rose"]["collapsed"] == 0  # falling from the start is failure to learn, not a collapse
+    assert got["dip"]["collapsed"] == 0
+    assert got["steady"]["seq_w_max"] == 30.0 and got["steady"]["max_staleness"] == 3
+
+
+def test_table_and_plot_from_csv_rows(tmp_path):
+    cells = [
+        {"variant": "vespo", "mode": "sync-4", "seed": s, "final_reward": f, "final_eval_accuracy": 0.5,
+         "collapsed": c, "seq_w_max": w, "seq_w_mean": 1.2}
+        for s, f, c, w in [(0, 0.7, 0, 3.0), (1, 0.5, 1, 9.0)]
+    ]  # fmt: skip
+    text = sweep.table(cells, ["vespo", "grpo"], ["sync-4"])
+    assert "| vespo | sync-4 | 0.600 (0.50-0.70) | 0.500 | 1/2 | 9 | 1.2 |" in text
+    assert "grpo" not in text  # no rows, no line
+    steps = [{"variant": "vespo", "mode": "sync-4", "seed": str(s), "step": str(i), "reward": str(0.1 * i)}
+             for s in (0, 1) for i in range(1, 11)]  # fmt: skip
+    sweep.plot(steps, ["vespo"], ["sync-4"], 3, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cell_config_sets_objective_mode_and_staleness():
+    args = sweep.parse_args(["--steps", "8", "--groups-per-step", "2", "--async-max-staleness", "5"])
+    sync = sweep.cell_config(args, sweep.Cell("vespo-lennorm", "sync-64", 1))
+    assert (sync.train.mode, sync.train.staleness_ratio, sync.buffer.max_staleness) == ("sync", 64, 63)
+    assert sync.learner.objective_config == {"length_norm": True} and sync.learner.seed == sync.task.seed == 1
+    asyn = sweep.cell_config(args, sweep.Cell("vespo-auto", "async", 0))
+    assert (asyn.train.mode, asyn.buffer.max_staleness) == ("async", 5)
+    assert asyn.learner.objective_config["target_ess"] > 0
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--modes", "sync-0"])
+
+
+def test_begin_run_refuses_changes_that_need_new_actors():
+    cfg = run_config.load(None, [])
+    controller = Controller(cfg)
+    with pytest.raises(ValueError, match="must not change: train.num_engines, learner.world_size"):
+        controller.begin_run(replace(cfg, train=replace(cfg.train, num_engines=2),
+                                     learner=replace(cfg.learner, world_size=2)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"task \(other than its seed\)"):
+        controller.begin_run(replace(cfg, task=replace(cfg.task, max_digits=2)))
+
+
+def test_a_small_sweep_runs_every_cell_on_shared_actors(tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["--variants", "vespo", "grpo", "--modes", "sync-3", "async", "--seeds", "0", "--steps", "6",
+            "--groups-per-step", "2", "--async-max-staleness", "2", "--out", str(out), "rollout.n=4"]  # fmt: skip
+    sweep.main(argv)
+    cells = list(csv.DictReader((out / "cells.csv").open()))
+    steps = list(csv.DictReader((out / "steps.csv").open()))
+    assert sorted((c["variant"], c["mode"]) for c in cells) == sorted(
+        [("vespo", "sync-3"), ("grpo", "sync-3"), ("vespo", "async"), ("grpo", "async")]
+    )
+    for cell in cells:
+        mine = [s for s in steps if (s["variant"], s["mode"]) == (cell["variant"], cell["mode"])]
+        assert [int(s["step"]) for s in mine] == list(range(1, 7))  # every run starts again at step 1
+        stale = [float(s["staleness_max"]) for s in mine]
+        if cell["mode"] == "sync-3":
+            assert stale == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0]  # N-1 versions old at the end of each batch
+            assert float(cell["seq_w_max"]) >= 1.0
+        else:
+            assert max(stale) <= 2.0
+        assert all(0.0 <= float(s["reward"]) <= 1.0 for s in mine)
+    runs = sorted(Path(out, "wandb").glob("offline-run-*"))
+    assert len(runs) == 4
+    history, config = read_run(runs[0])
+    assert len(history) == 6 and config["learner"]["objective"] in ("vespo", "grpo")
+    assert "| vespo | sync-3 |" in (out / "table.md").read_text()
+    assert (out / "reward_vs_step.png").stat().st_size > 0
+    # run again: every cell is done, nothing is retrained
+    sweep.main(argv)
+    assert len(list(csv.DictReader((out / "cells.csv").open()))) == 4
