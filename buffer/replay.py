@@ -255,6 +255,13 @@ class ReplayBuffer:
         os.replace(tmp, path)
         return path
 
+    def seen_groups(self, group_ids: list[str]) -> list[str]:
+        """Those of group_ids the buffer ever accepted a sample of (trained, held or dropped):
+        what an engine that died had already delivered, so it is not generated again."""
+        with self._lock:
+            wanted = set(group_ids)
+            return sorted({tid.rsplit("/", 1)[0] for tid in self._state.seen} & wanted)
+
     def snapshot_seen_groups(self, directory: str | Path) -> list[str]:
         """Snapshot, and return the ids of every group the buffer had received by then (held,
         trained or dropped): a resumed run regenerates exactly the groups not among them."""

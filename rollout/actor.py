@@ -44,6 +44,11 @@ class RolloutStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+class EngineNotStarted(RuntimeError):
+    """A call that needs the engine reached an actor without one: Ray restarted the actor after
+    a crash and nobody has called `start` yet. The controller treats it as the engine being down."""
+
+
 class RolloutActor:
     def __init__(self, cfg: RolloutConfig, task: TaskConfig | None = None, engine_id: str = "engine-0", buffer=None):
         self.cfg = cfg
@@ -81,6 +86,7 @@ class RolloutActor:
 
     async def generate(self, items: list[PromptItem], n: int | None = None) -> RolloutResult:
         """Sample n responses for each prompt, concurrently; returns the scored trajectories."""
+        self._require_engine()
         started = time.perf_counter()
         result = RolloutResult()
         outcomes = await asyncio.gather(*(self._group(item, n or self.cfg.n) for item in items), return_exceptions=True)
@@ -101,11 +107,16 @@ class RolloutActor:
         room there: backpressure, not loss). Returns how many groups are now in flight."""
         if self.buffer is None:
             raise RuntimeError("submit needs the actor to be created with a buffer handle")
+        self._require_engine()
         for item in items:
             task = asyncio.create_task(self._group_to_buffer(item, n or self.cfg.n))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return len(self._background)
+
+    def _require_engine(self) -> None:
+        if self.engine is None:
+            raise EngineNotStarted(f"{self.engine_id} has no engine (not started, or restarted after a crash)")
 
     def set_buffer(self, buffer) -> None:
         self.buffer = buffer
@@ -115,7 +126,9 @@ class RolloutActor:
         return self.engine.running() if self.engine is not None else 0
 
     async def in_flight(self) -> int:
-        return len(self._background)
+        """Groups submitted and not yet pushed; -1 when the engine is not started (a Ray
+        restart of this actor brings it back without one: the controller starts it)."""
+        return len(self._background) if self.engine is not None else -1
 
     async def drain(self) -> None:
         """Wait until every submitted group is in the buffer (or reported failed)."""
@@ -174,16 +187,19 @@ class RolloutActor:
 
     async def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> None:
         """Join the learner's weight group as ranks rank_offset .. rank_offset + receivers - 1."""
+        self._require_engine()
         await self.engine.init_weight_group(host, port, rank_offset, world_size, backend)
 
     async def receive_weights(self, plan_wire: list, version: int) -> dict:
         """Take part in one broadcast from the learner and switch to `version`."""
+        self._require_engine()
         started = time.perf_counter()
         received = await self.engine.receive_weights(plan_wire, version)
         return self._updated(received, time.perf_counter() - started)
 
     async def load_weights(self, named: list[tuple[str, torch.Tensor]] | dict, version: int) -> dict:
         """The object-store fallback: weights passed by value (a Ray object ref resolves to them)."""
+        self._require_engine()
         started = time.perf_counter()
         pairs = list(named.items()) if isinstance(named, dict) else list(named)
         await self.engine.load_weights(pairs, version)
@@ -227,4 +243,5 @@ def rollout_actor(
     # vLLM logs every request and weight reload at INFO/WARNING: keep the driver's console for progress
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
     options.setdefault("runtime_env", {"env_vars": env})
+    options.setdefault("max_restarts", cfg.max_restarts)  # calls in flight at a death fail, not retried
     return remote.options(**options).remote(cfg, task, engine_id, buffer)

@@ -32,8 +32,14 @@ class RolloutConfig:
     # Ray resources of one engine actor
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Ray restarts a dead engine actor up to this many times in a run (the controller then
+    # re-forms the weight group, sends current weights and requeues the prompts it held);
+    # one death more stops the run with how to resume.
+    max_restarts: int = 3
 
     def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"rollout.max_restarts must be >= 0, got {self.max_restarts}")
         if self.backend not in BACKENDS:
             raise ValueError(f"rollout.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.n < 1:

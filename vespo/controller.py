@@ -26,7 +26,7 @@ from buffer.actor import buffer_actor, unpack_batch
 from buffer.trajectory import Trajectory
 from learner import checkpoint
 from learner.group import LearnerGroup
-from rollout.actor import rollout_actor
+from rollout.actor import EngineNotStarted, rollout_actor
 from rollout.records import PromptItem
 from vespo import typed_config
 from vespo.placement import PlacementError, cluster_from_ray, demand_of, plan, role_options
@@ -52,6 +52,8 @@ class RunSummary:
     clock: dict[str, float] = field(default_factory=dict)  # seconds: generate (sync), wait, train, sync
     stopped: str | None = None  # why the run ended before train.steps (e.g. "SIGTERM"), else None
     trained_groups: list[str] = field(default_factory=list)  # group ids in the order they were trained
+    engine_restarts: int = 0  # engine actors Ray restarted during the run (each recovered)
+    requeued_groups: list[str] = field(default_factory=list)  # prompts a dead engine held, handed out again
 
     @property
     def learner_busy_fraction(self) -> float:
@@ -72,6 +74,13 @@ class Controller:
         self.stop_reason: str | None = None  # set (e.g. by a signal) to stop after the current step
         self.resumed_from: Path | None = None
         self.trained_groups: list[str] = []
+        # engine faults: which engine each handed-out group went to, engines known dead, and the
+        # lock that keeps the feeder from submitting to an engine while it is being recovered
+        self._engine_of: dict[str, int] = {}
+        self._dead: set[int] = set()
+        self._engines_lock = threading.Lock()
+        self.engine_restarts = 0
+        self.requeued_groups: list[str] = []
 
     def request_stop(self, reason: str) -> None:
         """Finish the current step, checkpoint, shut down: what SIGTERM and Ctrl-C ask for."""
@@ -107,15 +116,21 @@ class Controller:
         infos = ray.get(starting)
         for info in infos:
             log.info("%s: %s engine up in %.0fs", info["engine_id"], info["backend"], info["startup_s"])
-        receivers = [info["receivers"] for info in infos]
-        host, port = self.learner.open_weight_sync(sum(receivers), cfg.train.weight_bucket_mb << 20)
-        offsets = np.cumsum([1, *receivers[:-1]]).tolist()
-        joins = [e.init_weight_group.remote(host, port, off, sum(receivers) + 1, _backend(cfg))
-                 for e, off in zip(self.engines, offsets, strict=True)]  # fmt: skip
-        ray.get([self.learner.connect_weight_sync(), *joins])
+        self._receivers = [info["receivers"] for info in infos]
+        self._form_weight_group()
         self.plan = self.learner.weight_plan()
         if found is not None:
             self._resume(found)
+
+    def _form_weight_group(self) -> None:
+        """(Re)build the learner -> engines weight group: at start, and after an engine restart
+        (a group has a fixed membership, so a restarted engine means a new group for all)."""
+        receivers = self._receivers
+        host, port = self.learner.open_weight_sync(sum(receivers), self.cfg.train.weight_bucket_mb << 20)
+        offsets = np.cumsum([1, *receivers[:-1]]).tolist()
+        joins = [e.init_weight_group.remote(host, port, off, sum(receivers) + 1, _backend(self.cfg))
+                 for e, off in zip(self.engines, offsets, strict=True)]  # fmt: skip
+        ray.get([self.learner.connect_weight_sync(), *joins])
 
     def begin_run(self, cfg: RunConfig, logger: RunLogger | None = None) -> None:
         """Start another training run on the actors already up: the learner starts over from
@@ -153,6 +168,7 @@ class Controller:
         self._skipped_nonfinite = 0
         self._last = None
         self.stop_reason, self.resumed_from, self.trained_groups = None, None, []
+        self._engine_of, self._dead, self.engine_restarts, self.requeued_groups = {}, set(), 0, []
         self.task = make_task(cfg.task)
         self.prompts = PromptStream(self.task.samples("train"), seed=cfg.task.seed)
         self.eval_samples = self.task.samples("eval")[: cfg.train.eval_prompts]
@@ -176,9 +192,10 @@ class Controller:
             len(self.prompts.requeued),
         )  # fmt: skip
 
-    def _handed_out(self, gid: str, sample: TaskSample) -> PromptItem:
+    def _handed_out(self, gid: str, sample: TaskSample, engine: int) -> PromptItem:
         with self._submitted_lock:
             self._submitted[gid] = sample.id
+            self._engine_of[gid] = engine
         return self.item(gid, sample)
 
     def item(self, gid: str, sample: TaskSample) -> PromptItem:
@@ -201,7 +218,7 @@ class Controller:
                 self._run_sync()
             self._stop.set()  # the feeder stops handing out prompts before the state is recorded
             ckpt = self.checkpoint() if checkpoint else ""
-        except ray.exceptions.RayActorError as err:
+        except (ray.exceptions.RayActorError, EngineFailed) as err:
             raise LearnerFailed(self._failure_message(err)) from err
         finally:
             self._stop.set()
@@ -209,7 +226,7 @@ class Controller:
         return RunSummary(
             self.step, self.version, wall, str(ckpt), self.logger.location if self.logger else "", self.rewards,
             self.eval_rewards, self._clock["wait"] / max(wall, 1e-9), self.max_staleness_seen, dict(self._clock),
-            self.stop_reason, self.trained_groups,
+            self.stop_reason, self.trained_groups, self.engine_restarts, self.requeued_groups,
         )  # fmt: skip
 
     def _failure_message(self, err: Exception) -> str:
@@ -233,7 +250,12 @@ class Controller:
             t0 = time.perf_counter()
             payload = None
             while payload is None:
+                if self._dead:
+                    self._recover_engines()
+                    t0 = time.perf_counter()  # the batch wait starts again: recovery is not a stall
                 payload = ray.get(self.buffer.get_batch_packed.remote(cfg.groups_per_step, self.step, 1.0))
+                if isinstance(self._feeder_error, EngineFailed):
+                    raise self._feeder_error
                 if self._feeder_error is not None:
                     raise RuntimeError("the prompt feeder failed") from self._feeder_error
                 if payload is None and time.perf_counter() - t0 > cfg.batch_timeout_s:
@@ -254,17 +276,28 @@ class Controller:
         cfg = self.cfg.train
         try:
             while not self._stop.is_set():
-                counts = ray.get([e.in_flight.remote() for e in self.engines])
                 fed = 0
-                for engine, count in zip(self.engines, counts, strict=True):
-                    want = cfg.max_inflight_groups - count
-                    items = []
-                    while want > 0 and ray.get(self.buffer.may_start.remote(self.step, 1)):
-                        items.append(self._handed_out(*self.prompts.next()))
-                        want -= 1
-                    if items:
-                        engine.submit.remote(items)
-                        fed += len(items)
+                for i, engine in enumerate(self.engines):
+                    with self._engines_lock:  # recovery requeues engine i's prompts under this lock
+                        if i in self._dead:
+                            continue
+                        try:
+                            count = ray.get(engine.in_flight.remote())
+                        except ENGINE_DOWN as err:
+                            self._mark_dead(i, err)
+                            continue
+                        if count < 0:  # restarted by Ray, not started yet
+                            self._mark_dead(i, None)
+                            continue
+                        want = cfg.max_inflight_groups - count
+                        items = []
+                        while want > 0 and ray.get(self.buffer.may_start.remote(self.step, 1)):
+                            items.append(self._handed_out(*self.prompts.next(), i))
+                            want -= 1
+                        if items:
+                            # fire and forget: if the engine dies with them, recovery requeues them
+                            engine.submit.remote(items)
+                            fed += len(items)
                 if not fed:
                     time.sleep(0.05)
         except BaseException as err:  # surfaced by the learner loop
@@ -274,9 +307,10 @@ class Controller:
         cfg = self.cfg.train
         while self.step < cfg.steps and self.stop_reason is None:
             t0 = time.perf_counter()
-            items = [self._handed_out(*p) for p in self.prompts.take(cfg.groups_per_step * cfg.staleness_ratio)]
-            shares = [items[i :: len(self.engines)] for i in range(len(self.engines))]
-            results = ray.get([e.generate.remote(s) for e, s in zip(self.engines, shares, strict=True) if s])
+            prompts = self.prompts.take(cfg.groups_per_step * cfg.staleness_ratio)
+            k = len(self.engines)
+            shares = [[self._handed_out(*p, i) for p in prompts[i::k]] for i in range(k)]
+            results = self._generate_shares(shares)
             self._clock["generate"] += time.perf_counter() - t0
             groups: dict[str, list[Trajectory]] = {}
             for r in results:
@@ -333,21 +367,126 @@ class Controller:
             "version/engine": float(self.version), "version/lag": float(self.step - self.version),
         })  # fmt: skip
         metrics["data/skipped_nonfinite"] = float(self._skipped_nonfinite)
+        metrics["faults/engine_restarts"] = float(self.engine_restarts)
+        metrics["faults/requeued_groups"] = float(len(self.requeued_groups))
         self._pending = (metrics, staleness)
         return True
 
+    def _generate_shares(self, shares: list[list[PromptItem]]) -> list:
+        """Sync mode: each engine generates its share; an engine that dies is restarted and
+        its whole share generated again (nothing of it reached the buffer or the learner)."""
+        refs = {i: self.engines[i].generate.remote(share) for i, share in enumerate(shares) if share}
+        results = []
+        while refs:
+            for i, ref in list(refs.items()):
+                try:
+                    results.append(ray.get(ref))
+                    del refs[i]
+                except ENGINE_DOWN as err:
+                    self._mark_dead(i, err)
+            if refs:
+                self._recover_engines(requeue=False)
+                refs = {i: self.engines[i].generate.remote(shares[i]) for i in refs}
+        return results
+
     def _sync(self) -> None:
+        if self._dead:
+            self._recover_engines()  # re-forms the weight group and broadcasts
+            return
         t0 = time.perf_counter()
         receiving = [e.receive_weights.remote(self.plan, self.step) for e in self.engines]
-        ray.get(self.learner.broadcast_weights(self.plan) + receiving)
+        sending = self.learner.broadcast_weights(self.plan)
+        for i, ref in enumerate(receiving):
+            try:
+                ray.get(ref)
+            except ENGINE_DOWN as err:
+                self._mark_dead(i, err)
+        if self._dead:
+            # the group lost a member: the learner's side fails (gloo sees the peer gone) or
+            # finishes; either way the group is rebuilt and the weights sent again
+            try:
+                ray.get(sending, timeout=120)
+            except (ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as err:
+                log.warning("weight broadcast to a dead engine ended with: %s", str(err).splitlines()[0])
+            self._recover_engines()
+            return
+        ray.get(sending)
         self.version = self.step
         self._clock["sync"] += time.perf_counter() - t0
+
+    # -- engine faults --------------------------------------------------------------------
+
+    def _mark_dead(self, i: int, err: BaseException | None) -> None:
+        """Engine i failed a call. Ray restarts it (rollout.max_restarts) unless it is out of
+        restarts, which stops the run."""
+        if isinstance(err, ray.exceptions.ActorDiedError):
+            limit = self.cfg.rollout.max_restarts
+            why = str(err).splitlines()[0]
+            raise EngineFailed(
+                f"engine-{i} died and Ray will not restart it (rollout.max_restarts {limit} used up): {why}"
+            ) from err
+        if i not in self._dead:
+            log.warning("engine-%d is down (%s); Ray is restarting it", i, type(err).__name__ if err else "restarted")
+        self._dead.add(i)
+
+    def _recover_engines(self, requeue: bool = True) -> None:
+        """Bring every dead engine back: wait for Ray's restart, start its vLLM engine, point it
+        at the buffer, re-form the weight group with all engines, send the current weights;
+        then requeue the prompts it held that the buffer never received (none lost, none
+        generated twice: a group reaches the buffer whole or not at all)."""
+        t0 = time.perf_counter()
+        dead = sorted(self._dead)
+        for i in dead:
+            self._restart_engine(i)
+        self._form_weight_group()
+        self._dead.clear()  # the broadcast below needs every engine in the new group
+        self._sync()
+        with self._engines_lock:
+            if requeue:
+                with self._submitted_lock:
+                    held = [gid for gid in self._submitted if self._engine_of.get(gid) in dead]
+                delivered = set(ray.get(self.buffer.seen_groups.remote(held))) if held else set()
+                lost = [gid for gid in held if gid not in delivered]
+                by_id = {s.id: s for s in self.task.samples("train")}
+                with self._submitted_lock:
+                    items = [(gid, by_id[self._submitted.pop(gid)]) for gid in lost]
+                self.prompts.requeue(items)
+                self.requeued_groups += lost
+                log.warning("requeued %d prompt(s) the dead engine(s) held; %d had reached the buffer",
+                            len(lost), len(delivered))  # fmt: skip
+        self.engine_restarts += len(dead)
+        log.warning("engine(s) %s back after %.0fs", ", ".join(f"engine-{i}" for i in dead), time.perf_counter() - t0)
+
+    def _restart_engine(self, i: int) -> None:
+        engine = self.engines[i]
+        deadline = time.monotonic() + self.cfg.train.engine_restart_timeout_s
+        while True:
+            try:
+                ray.get(engine.get_stats.remote(), timeout=30)  # returns once the actor is back
+                break
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as err:
+                if time.monotonic() > deadline:
+                    limit = self.cfg.train.engine_restart_timeout_s
+                    raise EngineFailed(
+                        f"engine-{i} was not back within train.engine_restart_timeout_s={limit}"
+                    ) from err
+                time.sleep(1)
+            except ray.exceptions.ActorDiedError as err:
+                self._mark_dead(i, err)  # raises: out of restarts
+        info = ray.get(engine.start.remote())
+        ray.get(engine.set_buffer.remote(self.buffer))  # the restart got the buffer it was created with
+        log.warning("engine-%d restarted (%s engine up in %.0fs)", i, info["backend"], info["startup_s"])
 
     def _after_step(self) -> None:
         cfg = self.cfg.train
         metrics, staleness = self._pending
         metrics.update(ray.get(self.buffer.metrics.remote()))
-        stats = ray.get([e.get_stats.remote() for e in self.engines])
+        stats = []
+        for i, e in enumerate(self.engines):
+            try:
+                stats.append(ray.get(e.get_stats.remote()))
+            except ENGINE_DOWN as err:
+                self._mark_dead(i, err)  # recovered before the next batch
         tokens, gen_s = sum(s.tokens for s in stats), sum(s.generate_s for s in stats)
         now = time.perf_counter()
         last = getattr(self, "_last", None)
@@ -387,6 +526,8 @@ class Controller:
             seen = set(ray.get(self.buffer.snapshot_seen_groups.remote(str(path))))
             with self._submitted_lock:
                 state["requeue"] = [[gid, sid] for gid, sid in self._submitted.items() if gid not in seen]
+            # and those waiting to be handed out again (from an engine that died)
+            state["requeue"] += [[gid, sample.id] for gid, sample in list(self.prompts.requeued)]
 
         # the buffer first: the controller state records what it did not hold
         extra = {"buffer": snapshot_buffer, "controller": write_state}
@@ -423,6 +564,15 @@ def finite_only(trajs: list[Trajectory]) -> tuple[list[Trajectory], list[str]]:
 
 class LearnerFailed(RuntimeError):
     """A learner rank or another actor the loop depends on died; the message says how to resume."""
+
+
+class EngineFailed(RuntimeError):
+    """An engine died for good (out of restarts) or did not come back in time."""
+
+
+# an engine call that failed because the engine actor is gone (for now, or for good)
+# (dead for now or for good, or restarted by Ray and not started again yet)
+ENGINE_DOWN = (ray.exceptions.RayActorError, EngineNotStarted)
 
 
 def resolve_model(model: str) -> str:

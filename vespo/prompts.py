@@ -7,6 +7,7 @@ position, so it is unique for the run and the stream can resume exactly from a c
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 
 from vespo.tasks.registry import TaskSample
@@ -25,14 +26,21 @@ class PromptStream:
         self.samples, self.seed = samples, seed
         self.state = state or PromptStreamState()
         self._order = self._shuffled(self.state.epoch)
-        self.requeued: list[tuple[str, TaskSample]] = []  # handed out before a resume, never received
+        self.requeued: list[tuple[str, TaskSample]] = []  # handed out, never received: hand out again
+        self._lock = threading.Lock()  # the feeder thread takes while the loop may requeue
 
     def requeue(self, items: list[tuple[str, TaskSample]]) -> None:
-        """Prompts to hand out again, first and under their old group ids (resume)."""
-        self.requeued = list(items) + self.requeued
+        """Prompts to hand out again, first and under their old group ids (after a resume, or
+        from an engine that died holding them)."""
+        with self._lock:
+            self.requeued = list(items) + self.requeued
 
     def next(self) -> tuple[str, TaskSample]:
         """(group id, sample) of the next prompt."""
+        with self._lock:
+            return self._next()
+
+    def _next(self) -> tuple[str, TaskSample]:
         if self.requeued:
             return self.requeued.pop(0)
         if self.state.position >= len(self._order):

@@ -39,6 +39,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # learner steps between checkpoints; 0: only at the end
     output_dir: str = "runs/vespo"  # checkpoints and wandb files go under it
     batch_timeout_s: float = 600.0  # the learner gives up waiting for a batch after this long
+    engine_restart_timeout_s: float = 600.0  # how long a dead engine may take to come back (Ray restart + start)
     ray_address: str | None = None  # None: start a local Ray (or use RAY_ADDRESS / an initialised Ray)
 
     def __post_init__(self) -> None:

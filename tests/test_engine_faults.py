@@ -1,0 +1,99 @@
+"""Fault injection on the rollout side: an engine actor killed mid-run is restarted by Ray,
+rejoins the weight group with the current weights, and the prompts it held are handed out
+again; the run finishes with no group lost and none trained twice."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import pytest
+import ray
+
+from vespo import run_config
+from vespo.controller import Controller, LearnerFailed
+
+OVERRIDES = [
+    "train.groups_per_step=4", "rollout.n=4", "train.eval_every=0", "train.max_inflight_groups=8",
+    "wandb.mode=disabled", "rollout.max_restarts=1",
+]  # fmt: skip
+
+
+def engine_cores() -> set[int]:
+    """PIDs of vLLM engine-core processes on this machine (each vLLM engine runs one)."""
+    found = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        text = (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
+        if "EngineCore" in text:
+            found.add(p.pid)
+    return found
+
+
+def run_with_kills(cfg, kill_at_steps: list[int]):
+    """Run cfg, killing engine 0 (by its actor id, Ray may restart it) when the learner reaches
+    each of kill_at_steps; returns (summary or the exception, the controller's bookkeeping)."""
+    before = engine_cores()
+    controller = Controller(cfg)
+    killed = []
+    try:
+        controller.setup()
+
+        def killer():
+            for at in kill_at_steps:
+                while controller.step < at and not controller._stop.is_set():
+                    time.sleep(0.02)
+                handle = controller.engines[0]
+                killed.append(handle._actor_id.hex())
+                ray.kill(handle, no_restart=False)  # fault injection: the engine process dies now
+                time.sleep(1.0)
+
+        threading.Thread(target=killer, daemon=True).start()
+        try:
+            outcome = controller.run(checkpoint=False)
+        except LearnerFailed as err:
+            outcome = err
+        book = {
+            "handed_out": set(controller._engine_of),
+            "pending": set(controller._submitted) | {gid for gid, _ in controller.prompts.requeued},
+            "engine_version": ray.get(controller.engines[0].version.remote()) if not isinstance(outcome, Exception)
+            else None,
+        }  # fmt: skip
+    finally:
+        controller.shutdown()
+        ray.shutdown()
+    time.sleep(2)
+    orphans = {pid for pid in engine_cores() - before if psutil.pid_exists(pid)}
+    return outcome, book, killed, orphans
+
+
+@pytest.mark.parametrize(
+    "mode", ["async", pytest.param("sync", marks=pytest.mark.slow)]
+)  # sync: the same recovery path, left to `-m slow` to keep CI short
+def test_killed_engine_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_path, mode):
+    extra = ["train.mode=sync", "train.staleness_ratio=2", "buffer.max_staleness=1"] if mode == "sync" else []
+    cfg = run_config.load(None, ["train.steps=24", *OVERRIDES, *extra, f"train.output_dir={tmp_path}"])
+    summary, book, killed, orphans = run_with_kills(cfg, kill_at_steps=[6])
+    assert not isinstance(summary, Exception), summary
+    assert summary.steps == 24 and summary.engine_restarts == 1 and killed
+    trained = summary.trained_groups
+    assert len(trained) == len(set(trained)), "a group was trained twice"
+    # every prompt handed out was trained or is still on its way at the end: none lost
+    assert book["handed_out"] == set(trained) | book["pending"]
+    if mode == "async":
+        assert summary.requeued_groups, "the killed engine held prompts: they must be handed out again"
+        assert set(summary.requeued_groups) <= set(trained) | book["pending"]
+    # the restarted engine rejoined the weight group and holds the learner's latest weights
+    assert book["engine_version"] == summary.version == 24
+    assert not orphans, f"vLLM engine processes left behind: {orphans}"
+
+
+def test_an_engine_out_of_restarts_stops_the_run_with_how_to_resume(tmp_path):
+    cfg = run_config.load(None, ["train.steps=400", *OVERRIDES, f"train.output_dir={tmp_path}",
+                                 "rollout.max_restarts=0", "train.checkpoint_every=2"])  # fmt: skip
+    outcome, _, _, orphans = run_with_kills(cfg, kill_at_steps=[3])
+    assert isinstance(outcome, LearnerFailed)
+    message = str(outcome)
+    assert "engine-0 died and Ray will not restart it (rollout.max_restarts 0 used up)" in message
+    assert f"vespo train --resume {tmp_path}/checkpoints" in message
+    assert not orphans
