@@ -77,6 +77,7 @@ class ReplayBuffer:
         self._last_staleness: list[int] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._incoming: dict[str, int] = {}  # traj_id -> puts now waiting for room with it
 
     # --- producers ------------------------------------------------------------------------------
 
@@ -92,7 +93,17 @@ class ReplayBuffer:
                 dup = sorted(set(i for i in ids if ids.count(i) > 1) | self._state.seen.intersection(ids))
                 raise ValueError(f"trajectories already in the buffer's history: {dup[:5]}")
             start = time.perf_counter()
-            room = self._changed.wait_for(lambda: self._state.held + len(trajectories) <= self.cfg.capacity, timeout)
+            for i in ids:  # arrived, not yet stored: seen_groups counts them as delivered
+                self._incoming[i] = self._incoming.get(i, 0) + 1
+            try:
+                room = self._changed.wait_for(
+                    lambda: self._state.held + len(trajectories) <= self.cfg.capacity, timeout
+                )
+            finally:
+                for i in ids:
+                    self._incoming[i] -= 1
+                    if not self._incoming[i]:
+                        del self._incoming[i]
             self._counters.put_wait_s += time.perf_counter() - start
             if not room:
                 raise BufferFull(
@@ -256,11 +267,12 @@ class ReplayBuffer:
         return path
 
     def seen_groups(self, group_ids: list[str]) -> list[str]:
-        """Those of group_ids the buffer ever accepted a sample of (trained, held or dropped):
+        """Those of group_ids the buffer ever accepted a sample of (trained, held or dropped),
+        or holds a put for that is waiting for room (it will land even if its sender died):
         what an engine that died had already delivered, so it is not generated again."""
         with self._lock:
             wanted = set(group_ids)
-            return sorted({tid.rsplit("/", 1)[0] for tid in self._state.seen} & wanted)
+            return sorted({tid.rsplit("/", 1)[0] for tid in (*self._state.seen, *self._incoming)} & wanted)
 
     def snapshot_seen_groups(self, directory: str | Path) -> list[str]:
         """Snapshot, and return the ids of every group the buffer had received by then (held,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -86,6 +87,22 @@ def test_backpressure_waits_then_refuses_without_losing_data():
     threading.Timer(0.1, consume).start()
     buf.put_many(group("c", 2, 0), timeout=5)  # waits until the learner takes a group
     assert buf.metrics()["buffer/held"] == 4 and buf.metrics()["buffer/put_wait_s"] > 0.05
+
+
+def test_seen_groups_counts_stored_and_waiting_puts():
+    """What the controller asks when an engine dies: which of its groups will arrive anyway.
+    A put blocked on a full buffer will land even if its sender is gone."""
+    buf = ReplayBuffer(BufferConfig(capacity=4, max_staleness=5))
+    buf.put_many(group("a", 2, 0) + group("b", 2, 0))
+    waiting = threading.Thread(target=lambda: buf.put_many(group("c", 2, 0), timeout=5))
+    waiting.start()
+    deadline = time.monotonic() + 5
+    while "c" not in buf.seen_groups(["c"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert buf.seen_groups(["a", "c", "d"]) == ["a", "c"]  # c: blocked for room, not yet stored
+    buf.get_batch(1, current_version=0)
+    waiting.join()
+    assert buf.seen_groups(["a", "c", "d"]) == ["a", "c"] and buf.metrics()["buffer/held"] == 4
 
 
 def test_blocking_get_wakes_up_when_a_group_completes():
