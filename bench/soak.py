@@ -43,8 +43,9 @@ def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None
     from vespo import run_config
     from vespo.controller import Controller
 
-    cfg = run_config.load(None, ["train.steps=1000000", "train.eval_every=0", "wandb.mode=disabled",
-                                 "rollout.max_restarts=1000", "train.output_dir=runs/soak", *(overrides or [])])  # fmt: skip
+    base = ["train.steps=1000000", "train.eval_every=0", "wandb.mode=disabled", "rollout.max_restarts=1000",
+            "train.output_dir=runs/soak"]  # fmt: skip
+    cfg = run_config.load(None, [*base, *(overrides or [])])
     samples_per_step = cfg.train.groups_per_step * cfg.rollout.n
     controller = Controller(cfg)
     marks: list[tuple[float, int]] = []  # (time, learner step) at every kill and at the end

@@ -92,7 +92,11 @@ class LearnerWorker:
         self.engine.train()
         metrics = self._forward_backward(batch, totals, backward=True)
         t_step = time.perf_counter()
+        skipped = self._drop_nonfinite_grads()
         self.engine.step()
+        if self.cfg.zero_stage:
+            skipped = not getattr(self.engine, "_step_applied", True)
+        metrics["actor/step_skipped"] = float(skipped)
         metrics["perf/optimizer_s"] = time.perf_counter() - t_step
         self.step_count += 1
         elapsed = time.perf_counter() - start
@@ -103,6 +107,25 @@ class LearnerWorker:
         metrics["perf/train_tokens_per_s"] = float(batch.attention_mask.sum()) / max(elapsed, 1e-9)
         metrics["perf/train_step_s"] = elapsed
         return metrics
+
+    def _drop_nonfinite_grads(self) -> bool:
+        """A NaN/inf gradient must never reach the weights. Under ZeRO 1-3 DeepSpeed checks the
+        global grad norm (all-reduced, so every rank agrees) and skips the step itself. Without
+        ZeRO the ranks agree here (one all-reduce of a flag), and dropping the gradients makes
+        AdamW skip every parameter: no weight or moment changes on any rank."""
+        if self.cfg.zero_stage:
+            return False
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        bad = torch.tensor([0.0 if all(torch.isfinite(p.grad).all() for p in params) else 1.0], device=self.device)
+        if self.cfg.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.item():
+            return False
+        for p in params:
+            p.grad = None
+        return True
 
     @torch.no_grad()
     def evaluate_loss(self, batch: TrainBatch, totals: dict[str, float]) -> dict[str, float]:

@@ -141,6 +141,31 @@ def test_rebuild_starts_over_from_the_model_with_the_new_objective(ray_cluster, 
     assert rebuilt["actor/grad_norm"] == pytest.approx(expected["actor/grad_norm"], rel=1e-6)
 
 
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_nonfinite_gradient_skips_the_update_on_every_rank(ray_cluster, model_dir, zero_stage):
+    """Never a silent NaN step: a batch whose loss is NaN leaves weights (and Adam state)
+    untouched on both ranks and says so; the next good batch trains normally."""
+    from dataclasses import replace
+
+    group = make_group(model_dir, zero_stage)
+    try:
+        good = group.make_batch(synthetic_trajectories(seed=5))
+        poisoned = good.advantages.clone()
+        poisoned[0] = float("nan")  # one row of one rank's shard
+        before = group.full_state_dict()
+        bad = group.train_step(replace(good, advantages=poisoned))
+        after_bad = group.full_state_dict()
+        ok = group.train_step(good)
+        after_good = group.full_state_dict()
+    finally:
+        group.shutdown()
+    assert bad["actor/step_skipped"] == 1.0 and ok["actor/step_skipped"] == 0.0
+    for name, value in before.items():
+        torch.testing.assert_close(after_bad[name], value, rtol=0, atol=0, msg=name)
+        assert torch.isfinite(after_good[name]).all()
+    assert any(not torch.equal(after_good[n], before[n]) for n in before)
+
+
 def test_partial_and_corrupt_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no 'latest' file"):
         latest(tmp_path)

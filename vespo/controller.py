@@ -354,6 +354,11 @@ class Controller:
             batch = self.learner.with_old_logprobs(batch)
         metrics = self.learner.train_step(batch)
         self._clock["train"] += time.perf_counter() - t0
+        if metrics.get("actor/step_skipped"):
+            self._skipped_updates = getattr(self, "_skipped_updates", 0) + 1
+            log.error("step %d: the learner skipped the update: non-finite gradient (loss %s); weights unchanged",
+                      self.step + 1, metrics.get("actor/loss"))  # fmt: skip
+        metrics["faults/skipped_updates"] = float(getattr(self, "_skipped_updates", 0))
         self.step += 1
         rewards = np.array([t.reward for t in trajs], dtype=np.float64)
         lengths = np.array([len(t.response_ids) for t in trajs])
