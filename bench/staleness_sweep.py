@@ -159,14 +159,15 @@ def _float(v) -> float:
         return float("nan")
 
 
-def table(cells: list[dict], variants: list[str], modes: list[str]) -> str:
-    """Markdown: per variant and mode, final reward (mean over seeds, with min-max), collapses,
-    the largest sequence weight W seen and the mean W."""
+def table(cells: list[dict], variants: list[str], modes: list[str], drop: float = 0.10) -> str:
+    """Markdown: per variant and mode, final reward (mean over seeds, with min-max), collapses
+    (rose, then fell below the start), runs that ended below their start whether or not they
+    rose first, the largest sequence weight W seen and the mean W."""
     by = {}
     for row in cells:
         by.setdefault((row["variant"], row["mode"]), []).append(row)
-    lines = ["| objective | mode | final reward (seeds: mean, min-max) | final eval acc | collapsed | max W | mean W |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| objective | mode | final reward (seeds: mean, min-max) | final eval acc | collapsed | ended below start "
+             "| max W | mean W |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for v in variants:
         for m in modes:
             rows = by.get((v, m), [])
@@ -175,11 +176,12 @@ def table(cells: list[dict], variants: list[str], modes: list[str]) -> str:
             final = np.array([_float(r["final_reward"]) for r in rows])
             acc = np.array([_float(r["final_eval_accuracy"]) for r in rows])
             collapsed = sum(int(_float(r["collapsed"])) for r in rows)
+            below = sum(_float(r["final_reward"]) < _float(r["start_reward"]) - drop for r in rows)
             w_max = np.nanmax([_float(r["seq_w_max"]) for r in rows])
             w_mean = np.nanmean([_float(r["seq_w_mean"]) for r in rows])
             lines.append(
                 f"| {v} | {m} | {final.mean():.3f} ({final.min():.2f}-{final.max():.2f}) | {np.nanmean(acc):.3f} "
-                f"| {collapsed}/{len(rows)} | {w_max:.3g} | {w_mean:.3g} |"
+                f"| {collapsed}/{len(rows)} | {below}/{len(rows)} | {w_max:.3g} | {w_mean:.3g} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
             controller.shutdown()
     all_cells, all_steps = read_csv(cells_csv), read_csv(steps_csv)
     modes = [m for m in args.modes if any(r["mode"] == m for r in all_cells)]
-    (out / "table.md").write_text(table(all_cells, args.variants, modes))
+    (out / "table.md").write_text(table(all_cells, args.variants, modes, args.collapse_drop))
     plot(all_steps, args.variants, modes, args.smooth, out / "reward_vs_step.png")
     console.print((out / "table.md").read_text())
     console.print(f"wrote {steps_csv}, {cells_csv}, {out / 'table.md'}, {out / 'reward_vs_step.png'} "

@@ -41,12 +41,12 @@ def test_collapse_means_rising_then_falling_below_the_start():
 
 def test_table_and_plot_from_csv_rows(tmp_path):
     cells = [
-        {"variant": "vespo", "mode": "sync-4", "seed": s, "final_reward": f, "final_eval_accuracy": 0.5,
-         "collapsed": c, "seq_w_max": w, "seq_w_mean": 1.2}
+        {"variant": "vespo", "mode": "sync-4", "seed": s, "start_reward": 0.62, "final_reward": f,
+         "final_eval_accuracy": 0.5, "collapsed": c, "seq_w_max": w, "seq_w_mean": 1.2}
         for s, f, c, w in [(0, 0.7, 0, 3.0), (1, 0.5, 1, 9.0)]
     ]  # fmt: skip
     text = sweep.table(cells, ["vespo", "grpo"], ["sync-4"])
-    assert "| vespo | sync-4 | 0.600 (0.50-0.70) | 0.500 | 1/2 | 9 | 1.2 |" in text
+    assert "| vespo | sync-4 | 0.600 (0.50-0.70) | 0.500 | 1/2 | 1/2 | 9 | 1.2 |" in text
     assert "grpo" not in text  # no rows, no line
     steps = [{"variant": "vespo", "mode": "sync-4", "seed": str(s), "step": str(i), "reward": str(0.1 * i)}
              for s in (0, 1) for i in range(1, 11)]  # fmt: skip
