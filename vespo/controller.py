@@ -441,6 +441,9 @@ class Controller:
         generated twice: a group reaches the buffer whole or not at all)."""
         t0 = time.perf_counter()
         dead = sorted(self._dead)
+        with self._engines_lock, self._submitted_lock:
+            # what the dead engines held: the feeder gives nothing to an engine while it is dead
+            held = [gid for gid in self._submitted if self._engine_of.get(gid) in dead] if requeue else []
         for i in dead:
             self._restart_engine(i)
         self._form_weight_group()
@@ -448,8 +451,6 @@ class Controller:
         self._sync()
         with self._engines_lock:
             if requeue:
-                with self._submitted_lock:
-                    held = [gid for gid in self._submitted if self._engine_of.get(gid) in dead]
                 delivered = set(ray.get(self.buffer.seen_groups.remote(held))) if held else set()
                 lost = [gid for gid in held if gid not in delivered]
                 by_id = {s.id: s for s in self.task.samples("train")}
