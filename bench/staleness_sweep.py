@@ -166,8 +166,9 @@ def table(cells: list[dict], variants: list[str], modes: list[str], drop: float 
     by = {}
     for row in cells:
         by.setdefault((row["variant"], row["mode"]), []).append(row)
-    lines = ["| objective | mode | final reward (seeds: mean, min-max) | final eval acc | collapsed | ended below start "
-             "| max W | mean W |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    head = ["objective", "mode", "final reward (seeds: mean, min-max)", "final eval acc", "collapsed",
+            "ended below start", "max W", "mean W"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in variants:
         for m in modes:
             rows = by.get((v, m), [])

@@ -52,6 +52,7 @@ class _Counters:
     dropped_stale: int = 0
     dropped_groups: int = 0
     started_groups: int = 0
+    abandoned_groups: int = 0  # started, will never arrive (their engine died): free admission room
     put_wait_s: float = 0.0
     get_wait_s: float = 0.0
 
@@ -118,11 +119,19 @@ class ReplayBuffer:
         """Admission: True (and the groups are counted as started) if generating n_groups more
         groups now keeps them within max_staleness versions of the learner."""
         with self._lock:
-            live = self._counters.started_groups - self._counters.dropped_groups
+            c = self._counters
+            live = c.started_groups - c.dropped_groups - c.abandoned_groups
             if not may_start(live + n_groups - 1, current_version, self.cfg.max_staleness, self.cfg.groups_per_step):
                 return False
             self._counters.started_groups += n_groups
             return True
+
+    def abandon(self, n_groups: int) -> None:
+        """n_groups that may_start admitted will never arrive (an engine died with them, or a
+        resumed run hands them out again): without this, admission would count them as in
+        flight for ever and, a few engine deaths later, refuse to start anything."""
+        with self._lock:
+            self._counters.abandoned_groups += n_groups
 
     # --- the learner --------------------------------------------------------------------------
 
@@ -225,6 +234,7 @@ class ReplayBuffer:
                 "buffer/returned_total": float(c.returned),
                 "buffer/dropped_stale": float(c.dropped_stale),
                 "buffer/dropped_groups": float(c.dropped_groups),
+                "buffer/abandoned_groups": float(c.abandoned_groups),
                 "buffer/put_wait_s": c.put_wait_s,
                 "buffer/get_wait_s": c.get_wait_s,
             }

@@ -105,6 +105,18 @@ def test_seen_groups_counts_stored_and_waiting_puts():
     assert buf.seen_groups(["a", "c", "d"]) == ["a", "c"] and buf.metrics()["buffer/held"] == 4
 
 
+def test_abandoned_groups_free_admission_room():
+    """Groups admitted but lost with a dead engine must not count as in flight for ever."""
+    buf = ReplayBuffer(BufferConfig(max_staleness=1, groups_per_step=2))
+    admitted = 0
+    while buf.may_start(current_version=0):
+        admitted += 1
+    assert admitted == 4  # (0 + 1 + 1) versions x 2 groups
+    buf.abandon(3)  # their engine died; they will be handed out again
+    assert [buf.may_start(0) for _ in range(4)] == [True, True, True, False]
+    assert buf.metrics()["buffer/abandoned_groups"] == 3
+
+
 def test_blocking_get_wakes_up_when_a_group_completes():
     buf = ReplayBuffer(BufferConfig(capacity=10))
     threading.Timer(0.1, lambda: buf.put_many(group("g", 2, 0))).start()

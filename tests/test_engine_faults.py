@@ -44,6 +44,14 @@ def run_with_kills(cfg, kill_at_steps: list[int]):
                 while controller.step < at and not controller._stop.is_set():
                     time.sleep(0.02)
                 handle = controller.engines[0]
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and not controller._stop.is_set():
+                    try:  # kill while it holds prompts, so there is something to requeue
+                        if ray.get(handle.in_flight.remote()) > 0:
+                            break
+                    except Exception:
+                        break
+                    time.sleep(0.002)
                 killed.append(handle._actor_id.hex())
                 ray.kill(handle, no_restart=False)  # fault injection: the engine process dies now
                 time.sleep(1.0)
@@ -58,6 +66,7 @@ def run_with_kills(cfg, kill_at_steps: list[int]):
             "pending": set(controller._submitted) | {gid for gid, _ in controller.prompts.requeued},
             "engine_version": ray.get(controller.engines[0].version.remote()) if not isinstance(outcome, Exception)
             else None,
+            "abandoned": ray.get(controller.buffer.metrics.remote())["buffer/abandoned_groups"],
         }  # fmt: skip
     finally:
         controller.shutdown()
@@ -83,6 +92,8 @@ def test_killed_engine_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_pat
     if mode == "async":
         assert summary.requeued_groups, "the killed engine held prompts: they must be handed out again"
         assert set(summary.requeued_groups) <= set(trained) | book["pending"]
+        # admission let go of them (else a few deaths would wedge the feeder)
+        assert book["abandoned"] == len(summary.requeued_groups)
     # the restarted engine rejoined the weight group and holds the learner's latest weights
     assert book["engine_version"] == summary.version == 24
     assert not orphans, f"vLLM engine processes left behind: {orphans}"

@@ -183,7 +183,10 @@ class Controller:
         samples = self.task.samples("train")
         self.prompts = PromptStream(samples, self.cfg.task.seed, PromptStreamState(**state["prompts"]))
         by_id = {s.id: s for s in samples}
-        self.prompts.requeue([(gid, by_id[sid]) for gid, sid in state.get("requeue", [])])
+        requeue = [(gid, by_id[sid]) for gid, sid in state.get("requeue", [])]
+        self.prompts.requeue(requeue)
+        # the snapshot's admission count still holds the in-flight ones: they are admitted again
+        self.buffer.abandon.remote(len(requeue) - state.get("requeue_abandoned", 0))
         self._sync()  # the engines started from the base model: give them the restored weights
         self.resumed_from = found
         log.info(
@@ -457,6 +460,7 @@ class Controller:
                 with self._submitted_lock:
                     items = [(gid, by_id[self._submitted.pop(gid)]) for gid in lost]
                 self.prompts.requeue(items)
+                ray.get(self.buffer.abandon.remote(len(lost)))  # admitted once; admitted again when handed out
                 self.requeued_groups += lost
                 log.warning("requeued %d prompt(s) the dead engine(s) held; %d had reached the buffer",
                             len(lost), len(delivered))  # fmt: skip
@@ -532,8 +536,11 @@ class Controller:
             seen = set(ray.get(self.buffer.snapshot_seen_groups.remote(str(path))))
             with self._submitted_lock:
                 state["requeue"] = [[gid, sid] for gid, sid in self._submitted.items() if gid not in seen]
-            # and those waiting to be handed out again (from an engine that died)
-            state["requeue"] += [[gid, sample.id] for gid, sample in list(self.prompts.requeued)]
+            # and those waiting to be handed out again (from an engine that died; the buffer's
+            # admission count already let go of them)
+            waiting = [[gid, sample.id] for gid, sample in list(self.prompts.requeued)]
+            state["requeue"] += waiting
+            state["requeue_abandoned"] = len(waiting)
 
         # the buffer first: the controller state records what it did not hold
         extra = {"buffer": snapshot_buffer, "controller": write_state}
