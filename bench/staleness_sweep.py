@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    if not ray.is_initialized():  # quiet actors: the sweep prints one line a cell
+    was_up = ray.is_initialized()
+    if not was_up:  # quiet actors: the sweep prints one line a cell
         ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
     controller = None
     started = time.perf_counter()
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if controller is not None:
             controller.shutdown()
+        if not was_up:
+            ray.shutdown()
     all_cells, all_steps = read_csv(cells_csv), read_csv(steps_csv)
     modes = [m for m in args.modes if any(r["mode"] == m for r in all_cells)]
     (out / "table.md").write_text(table(all_cells, args.variants, modes, args.collapse_drop))

@@ -81,6 +81,9 @@ def test_a_small_sweep_runs_every_cell_on_shared_actors(tmp_path):
     argv = ["--variants", "vespo", "grpo", "--modes", "sync-3", "async", "--seeds", "0", "--steps", "6",
             "--groups-per-step", "2", "--async-max-staleness", "2", "--out", str(out), "rollout.n=4"]  # fmt: skip
     sweep.main(argv)
+    import ray
+
+    assert not ray.is_initialized()  # the sweep stops the Ray it started
     cells = list(csv.DictReader((out / "cells.csv").open()))
     steps = list(csv.DictReader((out / "steps.csv").open()))
     assert sorted((c["variant"], c["mode"]) for c in cells) == sorted(
