@@ -30,14 +30,35 @@ def engine_cores() -> set[int]:
     return found
 
 
-def run_with_kills(cfg, kill_at_steps: list[int]):
+def kill_inside_broadcast(controller: Controller, at_step: int, killed: list[str]) -> None:
+    """Fault injection: at the first weight broadcast from at_step on, kill engine 0 after it
+    has entered receive_weights (it waits there for the learner) and before the learner sends,
+    so the learner broadcasts into a group with a dead member."""
+    learner = controller.learner
+    send = learner.broadcast_weights
+
+    def broadcast_weights(plan):
+        if not killed and controller.step >= at_step:
+            time.sleep(0.5)  # receive_weights was submitted just before: let it reach the group
+            killed.append(controller.engines[0]._actor_id.hex())
+            ray.kill(controller.engines[0], no_restart=False)
+        return send(plan)
+
+    learner.broadcast_weights = broadcast_weights
+
+
+def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False):
     """Run cfg, killing engine 0 (by its actor id, Ray may restart it) when the learner reaches
-    each of kill_at_steps; returns (summary or the exception, the controller's bookkeeping)."""
+    each of kill_at_steps (or, with inside_broadcast, in the first broadcast from the first of
+    them on); returns (summary or the exception, the controller's bookkeeping)."""
     before = engine_cores()
     controller = Controller(cfg)
     killed = []
     try:
         controller.setup()
+        if inside_broadcast:
+            kill_inside_broadcast(controller, kill_at_steps[0], killed)
+            kill_at_steps = []
 
         def killer():
             for at in kill_at_steps:
@@ -77,22 +98,22 @@ def run_with_kills(cfg, kill_at_steps: list[int]):
 
 
 @pytest.mark.parametrize(
-    "mode", ["async", pytest.param("sync", marks=pytest.mark.slow)]
+    "mode", ["async", "async-in-broadcast", pytest.param("sync", marks=pytest.mark.slow)]
 )  # sync: the same recovery path, left to `-m slow` to keep CI short
 def test_killed_engine_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_path, mode):
     extra = ["train.mode=sync", "train.staleness_ratio=2", "buffer.max_staleness=1"] if mode == "sync" else []
     cfg = run_config.load(None, ["train.steps=24", *OVERRIDES, *extra, f"train.output_dir={tmp_path}"])
-    summary, book, killed, orphans = run_with_kills(cfg, kill_at_steps=[6])
+    summary, book, killed, orphans = run_with_kills(cfg, [6], inside_broadcast=mode == "async-in-broadcast")
     assert not isinstance(summary, Exception), summary
     assert summary.steps == 24 and summary.engine_restarts == 1 and killed
     trained = summary.trained_groups
     assert len(trained) == len(set(trained)), "a group was trained twice"
     # every prompt handed out was trained or is still on its way at the end: none lost
     assert book["handed_out"] == set(trained) | book["pending"]
-    if mode == "async":
+    if mode == "async":  # killed while it holds prompts (in a broadcast it may hold none)
         assert summary.requeued_groups, "the killed engine held prompts: they must be handed out again"
         assert set(summary.requeued_groups) <= set(trained) | book["pending"]
-        # admission let go of them (else a few deaths would wedge the feeder)
+    if mode != "sync":  # admission let go of them (else a few deaths would wedge the feeder)
         assert book["abandoned"] == len(summary.requeued_groups)
     # the restarted engine rejoined the weight group and holds the learner's latest weights
     assert book["engine_version"] == summary.version == 24
