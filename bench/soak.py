@@ -3,8 +3,10 @@
 Reports what the reliability guarantees are about: prompts lost (handed out, never trained
 and not on their way at the end) and groups trained twice, both of which must be 0, and the
 throughput retained: trained samples per second over the whole soak divided by the rate
-before the first kill. Each kill costs one Ray restart plus a vLLM start-up during which the
-only engine generates nothing, so what is retained depends on how often it is killed.
+outside the recovery windows (kill to engine back), the same run's estimate of its rate with
+no kills. The rate before the first kill is also reported, but it includes the run's ramp-up.
+Each kill costs one Ray restart plus a vLLM start-up during which the only engine generates
+nothing, so what is retained depends on how often it is killed.
 
     python -m bench.soak                        # 30 min, a kill every 4 min (the recorded run)
     python -m bench.soak --minutes 5 --kill-every 90
@@ -33,8 +35,11 @@ class SoakReport:
     requeued_groups: int
     samples_per_s_before_first_kill: float
     samples_per_s_overall: float
+    samples_per_s_outside_recovery: float
+    samples_per_s_during_recovery: float
     throughput_retained: float
     recovery_s: list[float]
+    steps_during_recovery: list[int]
 
 
 def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None) -> SoakReport:
@@ -50,6 +55,7 @@ def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None
     controller = Controller(cfg)
     marks: list[tuple[float, int]] = []  # (time, learner step) at every kill and at the end
     recovery: list[float] = []
+    recovery_steps: list[int] = []  # learner steps made while the engine was down
     try:
         controller.setup()
         started = time.monotonic()
@@ -65,7 +71,9 @@ def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None
                     while controller.engine_restarts == restarts and controller.stop_reason is None:
                         time.sleep(0.2)
                     recovery.append(round(time.monotonic() - t0, 1))
-                    print(f"kill {len(marks)} at step {marks[-1][1]}: engine back in {recovery[-1]:.0f}s", flush=True)
+                    recovery_steps.append(controller.step - marks[-1][1])
+                    print(f"kill {len(marks)} at step {marks[-1][1]}: engine back in {recovery[-1]:.0f}s, "
+                          f"{recovery_steps[-1]} steps meanwhile", flush=True)  # fmt: skip
                     next_kill = time.monotonic() + kill_every_s
                 time.sleep(0.2)
             controller.request_stop("soak time is up")
@@ -82,13 +90,18 @@ def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None
     first_kill_t, first_kill_step = marks[0] if marks else (ended, summary.steps)
     before = first_kill_step * samples_per_step / max(first_kill_t - started, 1e-9)
     overall = summary.steps * samples_per_step / max(ended - started, 1e-9)
+    down_s, down_steps = sum(recovery), sum(recovery_steps)
+    outside = (summary.steps - down_steps) * samples_per_step / max(ended - started - down_s, 1e-9)
+    during = down_steps * samples_per_step / down_s if down_s else 0.0
     return SoakReport(
         minutes=round((ended - started) / 60, 1), kills=len(marks), engine_restarts=summary.engine_restarts,
         steps=summary.steps, trained_groups=len(set(trained)), trained_samples=summary.steps * samples_per_step,
         lost_groups=len(handed - set(trained) - pending), duplicated_groups=len(trained) - len(set(trained)),
         requeued_groups=len(summary.requeued_groups), samples_per_s_before_first_kill=round(before, 1),
-        samples_per_s_overall=round(overall, 1), throughput_retained=round(overall / before, 3) if before else 0.0,
-        recovery_s=recovery,
+        samples_per_s_overall=round(overall, 1), samples_per_s_outside_recovery=round(outside, 1),
+        samples_per_s_during_recovery=round(during, 1),
+        throughput_retained=round(overall / outside, 3) if outside else 0.0,
+        recovery_s=recovery, steps_during_recovery=recovery_steps,
     )  # fmt: skip
 
 
