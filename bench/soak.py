@@ -40,6 +40,38 @@ class SoakReport:
     throughput_retained: float
     recovery_s: list[float]
     steps_during_recovery: list[int]
+    # first tenth of the steps vs last tenth: the run's own dynamics (longer responses cost
+    # more per step), told apart from a slowdown of the system
+    response_length_first_last: tuple[float, float] = (0.0, 0.0)
+    learner_s_per_step_first_last: tuple[float, float] = (0.0, 0.0)
+    steps_per_s_first_last: tuple[float, float] = (0.0, 0.0)
+
+
+class StepTrace:
+    """The controller's metrics sink for the soak: keeps per step the time, the mean response
+    length and the learner's cumulative train seconds (wandb stays off)."""
+
+    location = ""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, int, float, float]] = []
+
+    def log(self, metrics: dict[str, float], step: int, histograms: dict | None = None) -> None:
+        self.rows.append((time.monotonic(), step, metrics.get("response/length_mean", 0.0),
+                          metrics.get("time/train_s", 0.0)))  # fmt: skip
+
+    def first_last(self) -> dict[str, tuple[float, float]]:
+        tenth = len(self.rows) // 10
+        if tenth < 2:
+            return {}
+        out: dict[str, list[float]] = {"response_length_first_last": [], "learner_s_per_step_first_last": [],
+                                       "steps_per_s_first_last": []}  # fmt: skip
+        for part in (self.rows[:tenth], self.rows[-tenth:]):
+            (t0, s0, _, c0), (t1, s1, _, c1) = part[0], part[-1]
+            out["response_length_first_last"].append(round(sum(r[2] for r in part) / len(part), 2))
+            out["learner_s_per_step_first_last"].append(round((c1 - c0) / max(s1 - s0, 1), 4))
+            out["steps_per_s_first_last"].append(round((s1 - s0) / max(t1 - t0, 1e-9), 2))
+        return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None) -> SoakReport:
@@ -52,7 +84,8 @@ def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None
             "train.output_dir=runs/soak"]  # fmt: skip
     cfg = run_config.load(None, [*base, *(overrides or [])])
     samples_per_step = cfg.train.groups_per_step * cfg.rollout.n
-    controller = Controller(cfg)
+    trace = StepTrace()
+    controller = Controller(cfg, trace)  # type: ignore[arg-type]  # a metrics sink like RunLogger
     marks: list[tuple[float, int]] = []  # (time, learner step) at every kill and at the end
     recovery: list[float] = []
     recovery_steps: list[int] = []  # learner steps made while the engine was down
@@ -101,7 +134,7 @@ def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None
         samples_per_s_overall=round(overall, 1), samples_per_s_outside_recovery=round(outside, 1),
         samples_per_s_during_recovery=round(during, 1),
         throughput_retained=round(overall / outside, 3) if outside else 0.0,
-        recovery_s=recovery, steps_during_recovery=recovery_steps,
+        recovery_s=recovery, steps_during_recovery=recovery_steps, **trace.first_last(),
     )  # fmt: skip
 
 
