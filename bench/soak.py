@@ -64,14 +64,16 @@ class StepTrace:
         tenth = len(self.rows) // 10
         if tenth < 2:
             return {}
-        out: dict[str, list[float]] = {"response_length_first_last": [], "learner_s_per_step_first_last": [],
-                                       "steps_per_s_first_last": []}  # fmt: skip
-        for part in (self.rows[:tenth], self.rows[-tenth:]):
-            (t0, s0, _, c0), (t1, s1, _, c1) = part[0], part[-1]
-            out["response_length_first_last"].append(round(sum(r[2] for r in part) / len(part), 2))
-            out["learner_s_per_step_first_last"].append(round((c1 - c0) / max(s1 - s0, 1), 4))
-            out["steps_per_s_first_last"].append(round((s1 - s0) / max(t1 - t0, 1e-9), 2))
-        return {k: (v[0], v[1]) for k, v in out.items()}
+        first, last = self._summary(self.rows[:tenth]), self._summary(self.rows[-tenth:])
+        keys = ("response_length_first_last", "learner_s_per_step_first_last", "steps_per_s_first_last")
+        return {key: (a, b) for key, a, b in zip(keys, first, last, strict=True)}
+
+    @staticmethod
+    def _summary(rows: list[tuple[float, int, float, float]]) -> tuple[float, float, float]:
+        """Mean response length, learner seconds per step and steps per second over rows."""
+        (t0, s0, _, c0), (t1, s1, _, c1) = rows[0], rows[-1]
+        length = round(sum(r[2] for r in rows) / len(rows), 2)
+        return length, round((c1 - c0) / max(s1 - s0, 1), 4), round((s1 - s0) / max(t1 - t0, 1e-9), 2)
 
 
 def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None) -> SoakReport:
