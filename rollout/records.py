@@ -17,7 +17,9 @@ class PromptItem:
     text: str
     answer: str = ""
     sample_id: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # copied into every trajectory's extra
+    data_source: str = ""  # veRL's data_source and extra_info: for a compute_score reward only
+    extra_info: dict[str, Any] | None = None
 
 
 @dataclass

@@ -9,10 +9,13 @@ when the config names it, and runs where rewards are computed: in the rollout pr
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
 
 from vespo.tasks import arithmetic
 
@@ -21,16 +24,25 @@ from vespo.tasks import arithmetic
 class TaskSample:
     id: str
     prompt: str  # the user turn (raw text for tasks that take no chat template)
-    answer: str
+    answer: str  # the reference answer the reward compares with (veRL: reward_model.ground_truth)
     chat: bool = True  # render through the tokenizer's chat template, if it has one
+    # a whole conversation to render instead of `prompt` (veRL `prompt`, OpenAI `messages`):
+    # [{"role": "system" | "user" | "assistant", "content": str}, ...], system turns included
+    messages: tuple[dict, ...] | None = None
+    data_source: str = ""  # veRL's data_source column: which reward a compute_score should apply
+    extra_info: dict | None = None  # veRL's extra_info column, handed to compute_score as is
 
 
 class Task(Protocol):
+    """Where the prompts come from. The reward is separate (`make_reward`): it is built again
+    in every reward worker process, which must not re-read the data."""
+
     name: str
 
     def samples(self, split: str) -> list[TaskSample]: ...
 
-    def reward(self, response: str, sample: TaskSample) -> float: ...
+
+RewardFn = Callable[[str, TaskSample], float]
 
 
 @dataclass
@@ -45,7 +57,11 @@ class TaskConfig:
     eval_size: int = 256
     max_digits: int = 2
     seed: int = 0
-    reward_fn: str | None = None  # "module:function(response, answer) -> float", replaces the task's reward
+    # "module:function", replaces the task's reward: fn(response, answer) -> float, or veRL's
+    # compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | {"score": float}
+    reward_fn: str | None = None
+    reward_timeout_s: float = 10.0  # per sample: a reward still running then is stopped and marks its sample
+    reward_workers: int = 2  # processes per rollout engine that score rewards (a crash there spares the engine)
 
     def __post_init__(self) -> None:
         if self.name not in TASKS:
@@ -56,6 +72,10 @@ class TaskConfig:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.reward_fn is not None and ":" not in self.reward_fn:
             raise ValueError(f"reward_fn must be 'module:function', got {self.reward_fn!r}")
+        if not self.reward_timeout_s > 0:
+            raise ValueError(f"task.reward_timeout_s must be > 0, got {self.reward_timeout_s}")
+        if self.reward_workers < 1:
+            raise ValueError(f"task.reward_workers must be >= 1, got {self.reward_workers}")
 
 
 class ArithmeticTask:
@@ -71,24 +91,32 @@ class ArithmeticTask:
         problems = arithmetic.problems(count, seed=seed, max_digits=self.cfg.max_digits)
         return [TaskSample(f"{split}-{i}", p.prompt, p.answer, chat=False) for i, p in enumerate(problems)]
 
-    def reward(self, response: str, sample: TaskSample) -> float:
-        return arithmetic.reward(response, sample.answer)
-
 
 def make_task(cfg: TaskConfig) -> Task:
-    task = TASKS[cfg.name](cfg)
+    return TASKS[cfg.name](cfg)
+
+
+def make_reward(cfg: TaskConfig) -> RewardFn:
+    """The reward of cfg: the user's `reward_fn` if named, else the task's own. Cheap to build
+    (no data is read), so each reward worker process builds its own."""
     if cfg.reward_fn:
-        task.reward = _user_reward(cfg.reward_fn)  # type: ignore[method-assign]
-    return task
+        return user_reward(cfg.reward_fn)
+    return REWARDS[cfg.name]()
 
 
 def render_prompt(sample: TaskSample, tokenizer, system_prompt: str | None = None) -> str:
-    """The text the engine is given: the chat template applied where the task and tokenizer use one."""
-    if not sample.chat or not getattr(tokenizer, "chat_template", None):
+    """The text the engine is given: the chat template applied where the task and tokenizer use
+    one. A sample's own system turn wins over `task.system_prompt`."""
+    if sample.messages is not None:
+        messages = [dict(m) for m in sample.messages]
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"sample {sample.id!r} is a chat conversation but the tokenizer has no chat template")
+    elif not sample.chat or not getattr(tokenizer, "chat_template", None):
         return sample.prompt
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": sample.prompt}
-    ]
+    else:
+        messages = [{"role": "user", "content": sample.prompt}]
+    if system_prompt and messages[0].get("role") != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -98,24 +126,55 @@ class ScoredReward:
     error: str | None = None  # why the reward is unusable; the sample is then excluded from training
 
 
-def score(task: Task, response: str, sample: TaskSample) -> ScoredReward:
-    """The task's reward, with a raising or non-finite reward turned into a marked sample."""
+def score(reward: RewardFn, response: str, sample: TaskSample) -> ScoredReward:
+    """The reward, with a raising, non-numeric or non-finite one turned into a marked sample.
+    Finite means finite in float32, the training dtype: 1e39 is not a usable reward."""
     try:
-        value = float(task.reward(response, sample))
-    except Exception as err:  # user reward code: report, never crash the engine
+        raw = reward(response, sample)
+    except BaseException as err:  # user code: SystemExit and KeyboardInterrupt included, never crash
         return ScoredReward(0.0, f"reward raised {type(err).__name__}: {err}")
+    if isinstance(raw, dict) and "score" in raw:  # veRL compute_score may return {"score": x, ...}
+        raw = raw["score"]
+    if isinstance(raw, str) or not isinstance(raw, (int, float)) and not hasattr(raw, "__float__"):
+        return ScoredReward(0.0, f"reward returned {type(raw).__name__} {raw!r}, not a number")
+    try:
+        value = float(np.float32(raw))
+    except (TypeError, ValueError, OverflowError) as err:
+        return ScoredReward(0.0, f"reward returned {raw!r}, not a number: {err}")
     if not math.isfinite(value):
-        return ScoredReward(0.0, f"reward returned {value}")
+        return ScoredReward(0.0, f"reward returned {raw!r}, not finite in float32")
     return ScoredReward(value)
 
 
-def _user_reward(spec: str) -> Callable[[str, TaskSample], float]:
+def user_reward(spec: str) -> RewardFn:
+    """A user's reward by import path: fn(response, answer), or veRL's compute_score(data_source,
+    solution_str, ground_truth, extra_info=None), told apart by its parameter names."""
     module_name, _, attr = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"cannot load reward_fn {spec!r}: {err}") from err
+    if not callable(fn):
+        raise ValueError(f"reward_fn {spec!r} is a {type(fn).__name__}, not a function")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature: the plain (response, answer) form
+        params = {}
+    if "solution_str" in params or "data_source" in params:
+        takes_extra = "extra_info" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+        def verl_style(response: str, sample: TaskSample) -> float:
+            kwargs = {"extra_info": sample.extra_info} if takes_extra else {}
+            return fn(data_source=sample.data_source, solution_str=response, ground_truth=sample.answer, **kwargs)
+
+        return verl_style
     return lambda response, sample: fn(response, sample.answer)
+
+
+def _math_reward() -> RewardFn:
+    from vespo.tasks.math import math_reward
+
+    return math_reward
 
 
 def _math_task(cfg: TaskConfig) -> Task:
@@ -125,3 +184,7 @@ def _math_task(cfg: TaskConfig) -> Task:
 
 
 TASKS: dict[str, Callable[[TaskConfig], Task]] = {"arithmetic": ArithmeticTask, "math": _math_task}
+REWARDS: dict[str, Callable[[], RewardFn]] = {
+    "arithmetic": lambda: lambda response, sample: arithmetic.reward(response, sample.answer),
+    "math": _math_reward,
+}

