@@ -19,7 +19,8 @@ from buffer.trajectory import Trajectory
 from rollout.config import RolloutConfig
 from rollout.engine import Engine, start_engine
 from rollout.records import Completion, PromptItem, RolloutResult
-from vespo.tasks.registry import TaskConfig, TaskSample, make_task, score
+from rollout.rewards import RewardPool
+from vespo.tasks.registry import ScoredReward, TaskConfig, TaskSample
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class RolloutActor:
     def __init__(self, cfg: RolloutConfig, task: TaskConfig | None = None, engine_id: str = "engine-0", buffer=None):
         self.cfg = cfg
         self.engine_id = engine_id
-        self.task = make_task(task) if task is not None else None
+        self.task_cfg = task
+        self.rewards: RewardPool | None = None
         self.buffer = buffer
         self.engine: Engine | None = None
         self.stats = RolloutStats()
@@ -67,6 +69,8 @@ class RolloutActor:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model_path)
         started = time.perf_counter()
+        if self.task_cfg is not None and self.rewards is None:
+            self.rewards = RewardPool(self.task_cfg)
         self.engine = await start_engine(self.cfg)
         return {"engine_id": self.engine_id, "backend": self.engine.name, "startup_s": time.perf_counter() - started,
                 "receivers": self.engine.num_receivers}  # fmt: skip
@@ -148,22 +152,33 @@ class RolloutActor:
         started = time.perf_counter()
         completions = await self.engine.generate(prompt_ids, n, f"{self.engine_id}-{self._counter}-{item.group_id}")
         generated = time.perf_counter() - started
-        trajs = [self._trajectory(item, prompt_ids, i, c, n, generated) for i, c in enumerate(completions)]
+        rewards = await asyncio.gather(*(self._reward(item, c) for c in completions))
+        trajs = [self._trajectory(item, prompt_ids, i, c, n, generated, r)
+                 for i, (c, r) in enumerate(zip(completions, rewards, strict=True))]  # fmt: skip
         self.stats.groups += 1
         self.stats.trajectories += len(trajs)
         self.stats.tokens += sum(len(c.token_ids) for c in completions)
         self.stats.generate_s += generated
         return trajs
 
-    def _trajectory(self, item: PromptItem, prompt_ids: list[int], i: int, c: Completion, n: int, gen_s: float):
+    async def _reward(self, item: PromptItem, c: Completion) -> tuple[ScoredReward, float]:
+        """The completion's reward from the worker pool (no task: 0, as for a bare engine)."""
+        if self.rewards is None:
+            return ScoredReward(0.0), 0.0
         started = time.perf_counter()
-        reward, reward_error = 0.0, None
-        if self.task is not None:
-            text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-            scored = score(self.task, text, TaskSample(item.sample_id, item.text, item.answer))
-            reward, reward_error = scored.value, scored.error
-            self.stats.reward_errors += reward_error is not None
+        text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        sample = TaskSample(item.sample_id, item.text, item.answer, data_source=item.data_source,
+                            extra_info=item.extra_info)  # fmt: skip
+        scored = await self.rewards.score(text, sample)
+        self.stats.reward_errors += scored.error is not None
+        return scored, time.perf_counter() - started
+
+    def _trajectory(self, item: PromptItem, prompt_ids: list[int], i: int, c: Completion, n: int, gen_s: float,
+                    scored: tuple[ScoredReward, float]) -> Trajectory:  # fmt: skip
+        (reward, reward_error), reward_s = (scored[0].value, scored[0].error), scored[1]
         extra = {"sample_id": item.sample_id, "answer": item.answer, **item.extra}
+        if item.data_source:
+            extra["data_source"] = item.data_source
         if reward_error:
             extra["reward_error"] = reward_error
         return Trajectory(
@@ -179,7 +194,7 @@ class RolloutActor:
             reward=reward,
             finish_reason=c.finish_reason,
             engine_id=self.engine_id,
-            timings={"generate": gen_s, "reward": time.perf_counter() - started},
+            timings={"generate": gen_s, "reward": reward_s},
             extra=extra,
         )
 
@@ -229,6 +244,9 @@ class RolloutActor:
             task.cancel()
         if self.engine is not None:
             await self.engine.shutdown()
+        if self.rewards is not None:
+            self.rewards.close()
+            self.rewards = None
 
 
 def rollout_actor(

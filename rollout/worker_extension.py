@@ -8,6 +8,8 @@ re-runs the kernel-format processing some backends (CPU among them) apply after 
 
 from __future__ import annotations
 
+import torch
+
 from learner import weight_broadcast as wb
 
 
@@ -33,6 +35,7 @@ class VespoWorkerExtension:
                 yield from bucket
 
         self.model_runner.reload_weights(weights_iterator=named())
+        self._vespo_repack_tied_output()
         return sum(wb.bucket_bytes_of(b) for b in plan)
 
     def vespo_load_weights_file(self, path: str) -> int:
@@ -43,7 +46,25 @@ class VespoWorkerExtension:
         with safe_open(path, framework="pt", device="cpu") as f:
             names = list(f.keys())
             self.model_runner.reload_weights(weights_iterator=((n, f.get_tensor(n).to(self.device)) for n in names))
+        self._vespo_repack_tied_output()
         return len(names)
+
+    def _vespo_repack_tied_output(self) -> None:
+        """vLLM's CPU backend packs every GEMM weight into a oneDNN handle when it loads. With tied
+        embeddings the output layer (lm_head) shares the embedding's matrix but is not loaded by
+        name (checkpoints carry the matrix once), so `reload_weights` updates the shared matrix and
+        leaves the output layer's packed copy of the old one: logits would come from the old
+        weights. Repack from the current matrix every layer that keeps its weight beside a packed
+        handle (embeddings used as output layers; linear layers drop theirs and are repacked on load)."""
+        if self.device.type != "cpu":
+            return  # CUDA reads the shared parameter itself
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        for module in self.model_runner.model.modules():
+            weight = getattr(module, "weight", None)
+            keeps_weight = isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.numel() > 0
+            if hasattr(module, "cpu_linear") and keeps_weight:
+                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
 
     def vespo_weights(self, names: list[str] | None = None) -> bytes:
         """The engine's parameters by vLLM name (fused layers stay fused), for checks; as

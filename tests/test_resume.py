@@ -86,7 +86,7 @@ def test_partial_checkpoint_is_refused_with_the_reason(tmp_path):
         [sys.executable, "-m", "vespo", "train", "--resume", str(tmp_path / "checkpoints")],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert done.returncode == 2 and "partial or corrupt" in done.stdout
+    assert done.returncode == 2 and "partial or corrupt" in done.stdout + done.stderr
 
 
 def test_a_dead_learner_rank_stops_the_run_with_how_to_resume(tmp_path):

@@ -29,11 +29,14 @@ from learner.group import LearnerGroup
 from rollout.actor import EngineNotStarted, rollout_actor
 from rollout.records import PromptItem
 from vespo import typed_config
+from vespo.examples import examples
+from vespo.models import resolve_model
 from vespo.placement import PlacementError, cluster_from_ray, demand_of, plan, role_options
-from vespo.prompts import PromptStream, PromptStreamState
+from vespo.prompts import PromptStream, PromptStreamState, prompt_item
+from vespo.reward_errors import RewardErrors
 from vespo.run_config import RunConfig
 from vespo.run_logger import RunLogger
-from vespo.tasks.registry import TaskSample, make_task, render_prompt
+from vespo.tasks.registry import TaskSample, make_task
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ class Controller:
         self._engines_lock = threading.Lock()
         self.engine_restarts = 0
         self.requeued_groups: list[str] = []
+        self.reward_errors = RewardErrors(cfg.train.groups_per_step * cfg.rollout.n)
+        self.eval_examples: list = []  # decoded samples of the last evaluation
 
     def request_stop(self, reason: str) -> None:
         """Finish the current step, checkpoint, shut down: what SIGTERM and Ctrl-C ask for."""
@@ -169,6 +174,8 @@ class Controller:
         self._last = None
         self.stop_reason, self.resumed_from, self.trained_groups = None, None, []
         self._engine_of, self._dead, self.engine_restarts, self.requeued_groups = {}, set(), 0, []
+        self.reward_errors = RewardErrors(cfg.train.groups_per_step * cfg.rollout.n)
+        self.eval_examples: list = []  # decoded samples of the last evaluation
         self.task = make_task(cfg.task)
         self.prompts = PromptStream(self.task.samples("train"), seed=cfg.task.seed)
         self.eval_samples = self.task.samples("eval")[: cfg.train.eval_prompts]
@@ -202,8 +209,7 @@ class Controller:
         return self.item(gid, sample)
 
     def item(self, gid: str, sample: TaskSample) -> PromptItem:
-        text = render_prompt(sample, self.tokenizer, self.cfg.task.system_prompt)
-        return PromptItem(gid, text, answer=sample.answer, sample_id=sample.id)
+        return prompt_item(gid, sample, self.tokenizer, self.cfg.task.system_prompt)
 
     # -- the loops ------------------------------------------------------------------------
 
@@ -343,13 +349,18 @@ class Controller:
             for gid in dict.fromkeys(t.group_id for t in trajs):
                 self._submitted.pop(gid, None)
                 self.trained_groups.append(gid)
+        received = len(trajs)
+        reward_errors = self.reward_errors.add(trajs, self.step)
         trajs = [t for t in trajs if "reward_error" not in t.extra]  # marked samples never train
         trajs, bad = finite_only(trajs)
         if bad:
             log.warning("step %d: %d sample(s) skipped: %s", self.step + 1, len(bad), "; ".join(bad[:3]))
         self._skipped_nonfinite = getattr(self, "_skipped_nonfinite", 0) + len(bad)
         if not trajs:
-            log.error("step %d: batch skipped, no sample with finite log-probs and reward", self.step + 1)
+            why = [f"{reward_errors} failed their reward ({self.reward_errors.first})"] if reward_errors else []
+            why += [f"{len(bad)} had non-finite log-probs ({bad[0]})"] if bad else []
+            log.error("step %d: batch skipped, none of its %d samples can train: %s", self.step + 1, received,
+                      "; ".join(why))  # fmt: skip
             return False
         t0 = time.perf_counter()
         batch = self.learner.make_batch(trajs, self.pad_id)
@@ -375,6 +386,8 @@ class Controller:
             "version/engine": float(self.version), "version/lag": float(self.step - self.version),
         })  # fmt: skip
         metrics["data/skipped_nonfinite"] = float(self._skipped_nonfinite)
+        metrics["reward/error_frac"] = reward_errors / max(received, 1)
+        metrics["faults/reward_errors"] = float(self.reward_errors.failed)
         metrics["faults/engine_restarts"] = float(self.engine_restarts)
         metrics["faults/requeued_groups"] = float(len(self.requeued_groups))
         self._pending = (metrics, staleness)
@@ -505,12 +518,15 @@ class Controller:
         self._last = (tokens, now)
         metrics["perf/gen_engine_s_total"] = gen_s
         metrics.update({f"time/{k}_s": v for k, v in self._clock.items()})
+        shown = []
         if cfg.eval_every and self.step % cfg.eval_every == 0:
             metrics.update(self.evaluate())
+            shown = self.eval_examples
         if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
             self.checkpoint()
         if self.logger is not None:
             self.logger.log(metrics, self.step, {"staleness/histogram": staleness})
+            self.logger.log_examples("eval/samples", self.step, shown)
 
     def evaluate(self) -> dict[str, float]:
         """Mean reward on the held-out split (one sample per prompt at the rollout temperature)."""
@@ -519,6 +535,7 @@ class Controller:
         rewards = [t.reward for t in result.trajectories]
         value = float(np.mean(rewards)) if rewards else float("nan")
         self.eval_rewards.append((self.step, value))
+        self.eval_examples = examples(result.trajectories, self.tokenizer, self.cfg.train.eval_log_samples)
         return {"eval/reward": value, "eval/accuracy": float(np.mean(np.array(rewards) >= 1.0)) if rewards else 0.0}
 
     def checkpoint(self) -> Path:
@@ -586,16 +603,6 @@ class EngineFailed(RuntimeError):
 # an engine call that failed because the engine actor is gone (for now, or for good)
 # (dead for now or for good, or restarted by Ray and not started again yet)
 ENGINE_DOWN = (ray.exceptions.RayActorError, EngineNotStarted)
-
-
-def resolve_model(model: str) -> str:
-    if model == "tiny":
-        from vespo.tiny_model import tiny_model
-
-        return str(tiny_model())
-    if not (Path(model) / "config.json").exists():
-        raise FileNotFoundError(f"model {model!r} is not a local Hugging Face directory (no config.json there)")
-    return model
 
 
 def _backend(cfg: RunConfig) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,9 @@ class EvalResult:
     pass_at_k: float  # share of prompts with at least one sample at reward >= 1
     mean_response_tokens: float
     failed_prompts: int
+    reward_errors: int = 0  # samples whose reward failed (scored 0, counted here)
+    first_reward_error: str | None = None
+    examples: list[dict] = field(default_factory=list)  # a few (prompt, response, reward) to read
 
 
 def checkpoint_model(path: str | Path) -> str:
@@ -48,15 +51,19 @@ def checkpoint_model(path: str | Path) -> str:
 
 
 def evaluate(
-    cfg: run_config.RunConfig, model: str | None = None, prompts: int | None = None, samples: int = 1
-) -> EvalResult:
-    """Generate `samples` responses for the first `prompts` held-out problems and score them."""
+    cfg: run_config.RunConfig, model: str | None = None, prompts: int | None = None, samples: int = 1,
+    show: int = 3,
+) -> EvalResult:  # fmt: skip
+    """Generate `samples` responses for the first `prompts` held-out problems and score them;
+    `show` of them are kept, decoded, in the result."""
     import ray
 
     from rollout.actor import rollout_actor
-    from rollout.records import PromptItem
-    from vespo.controller import _init_ray, resolve_model
-    from vespo.tasks.registry import make_task, render_prompt
+    from vespo.controller import _init_ray
+    from vespo.examples import examples
+    from vespo.models import resolve_model
+    from vespo.prompts import prompt_item
+    from vespo.tasks.registry import make_task
 
     model_path = resolve_model(model or cfg.model)
     cfg.rollout.model_path = model_path
@@ -65,10 +72,7 @@ def evaluate(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    items = [
-        PromptItem(f"eval-{s.id}", render_prompt(s, tokenizer, cfg.task.system_prompt), answer=s.answer, sample_id=s.id)
-        for s in held_out
-    ]
+    items = [prompt_item(f"eval-{s.id}", s, tokenizer, cfg.task.system_prompt) for s in held_out]
     was_up = ray.is_initialized()
     _init_ray(cfg)
     actor = rollout_actor(cfg.rollout, cfg.task, "eval-engine")
@@ -81,6 +85,7 @@ def evaluate(
         if not was_up:
             ray.shutdown()
     rewards = np.array([t.reward for t in result.trajectories], dtype=np.float64)
+    errors = [t.extra["reward_error"] for t in result.trajectories if "reward_error" in t.extra]
     by_group: dict[str, list[float]] = {}
     for t in result.trajectories:
         by_group.setdefault(t.group_id, []).append(t.reward)
@@ -96,6 +101,9 @@ def evaluate(
         if result.trajectories
         else 0.0,
         failed_prompts=len(result.errors),
+        reward_errors=len(errors),
+        first_reward_error=errors[0] if errors else None,
+        examples=[asdict(e) for e in examples(result.trajectories[::samples], tokenizer, show)],
     )
 
 
@@ -107,18 +115,19 @@ def main(argv: list[str] | None = None) -> None:
     which.add_argument("--model", help="a local Hugging Face model directory (default: the config's model)")
     parser.add_argument("--prompts", type=int, help="held-out prompts to score (default: train.eval_prompts)")
     parser.add_argument("--samples", type=int, default=1, help="responses per prompt (pass@k uses all of them)")
+    parser.add_argument("--examples", type=int, default=3, help="sampled responses to print with their rewards")
     parser.add_argument("--json", help="also write the result to this JSON file")
     args = run_config.parse_config_arguments(parser, argv)
     console = Console()
     try:
         cfg = run_config.load(args.config, args.overrides)
         model = checkpoint_model(args.checkpoint) if args.checkpoint else args.model
-        if args.samples < 1 or (args.prompts is not None and args.prompts < 1):
-            raise ValueError("--samples and --prompts must be >= 1")
+        if args.samples < 1 or (args.prompts is not None and args.prompts < 1) or args.examples < 0:
+            raise ValueError("--samples and --prompts must be >= 1, --examples >= 0")
     except (typed_config.ConfigError, ValueError, OSError) as err:
         console.print(f"[red]eval error:[/] {err}", soft_wrap=True)
         sys.exit(2)
-    r = evaluate(cfg, model, args.prompts, args.samples)
+    r = evaluate(cfg, model, args.prompts, args.samples, args.examples)
     console.print(
         f"[bold]eval[/] {r.model}: {r.prompts} held-out prompts x {r.samples_per_prompt} sample(s) at temperature "
         f"{r.temperature:g}\n  mean reward {r.mean_reward:.4f}  accuracy {r.accuracy:.4f}  "
@@ -127,6 +136,13 @@ def main(argv: list[str] | None = None) -> None:
         soft_wrap=True,
         highlight=False,
     )
+    if r.reward_errors:
+        console.print(f"  {r.reward_errors} sample(s) failed their reward (scored 0), e.g. {r.first_reward_error}",
+                      soft_wrap=True, highlight=False, markup=False)  # fmt: skip
+    from vespo.examples import Example, one_line
+
+    for e in r.examples:
+        console.print(f"  example: {one_line(Example(**e))}", soft_wrap=True, highlight=False, markup=False)
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(r), indent=2))
 

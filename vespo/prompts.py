@@ -10,7 +10,15 @@ import random
 import threading
 from dataclasses import dataclass
 
-from vespo.tasks.registry import TaskSample
+from rollout.records import PromptItem
+from vespo.tasks.registry import TaskSample, render_prompt
+
+
+def prompt_item(group_id: str, sample: TaskSample, tokenizer, system_prompt: str | None = None) -> PromptItem:
+    """What an engine is handed for one group: the rendered prompt, and what its reward needs."""
+    text = render_prompt(sample, tokenizer, system_prompt)
+    return PromptItem(group_id, text, answer=sample.answer, sample_id=sample.id, data_source=sample.data_source,
+                      extra_info=sample.extra_info)  # fmt: skip
 
 
 @dataclass

@@ -36,6 +36,7 @@ class TrainConfig:
     recompute_old_logprobs: bool = False  # learner recomputes pi_old (train/inference mismatch correction)
     eval_every: int = 50  # learner steps between held-out evaluations; 0 disables
     eval_prompts: int = 64
+    eval_log_samples: int = 4  # sampled responses (prompt, response, reward) logged at each evaluation
     checkpoint_every: int = 0  # learner steps between checkpoints; 0: only at the end
     output_dir: str = "runs/vespo"  # checkpoints and wandb files go under it
     batch_timeout_s: float = 600.0  # the learner gives up waiting for a batch after this long
@@ -49,6 +50,8 @@ class TrainConfig:
             raise ValueError(f"train.staleness_ratio must be >= 1, got {self.staleness_ratio}")
         if self.eval_every < 0 or self.checkpoint_every < 0 or self.max_inflight_groups < 1:
             raise ValueError("train.eval_every and checkpoint_every must be >= 0, max_inflight_groups >= 1")
+        if self.eval_log_samples < 0 or self.eval_prompts < 1:
+            raise ValueError("train.eval_log_samples must be >= 0 and train.eval_prompts >= 1")
 
 
 @dataclass

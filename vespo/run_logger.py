@@ -118,6 +118,19 @@ class RunLogger:
         if step % self.print_every == 0 or last or step == 1 or any(k.startswith("eval/") for k in metrics):
             self.console.print(f"[bold]step {step}{self._of_total(step)}[/]  {shown}", soft_wrap=True)
 
+    def log_examples(self, key: str, step: int, items: list) -> None:
+        """Sampled responses (vespo.examples.Example) as a wandb table, and the first on the console."""
+        from vespo import examples
+
+        if not items:
+            return
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=examples.COLUMNS, data=examples.rows(step, items))}, step=step)
+        self.console.print(f"  sample at step {step}: {examples.one_line(items[0])}", soft_wrap=True, highlight=False,
+                           markup=False)  # fmt: skip
+
     def _of_total(self, step: int) -> str:
         if not self.total_steps:
             return ""

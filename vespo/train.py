@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 from rich.console import Console
 
@@ -40,23 +41,28 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cfg = run_config.load(args.config, args.overrides)
     except (typed_config.ConfigError, ValueError, OSError, CheckpointError) as err:
-        console.print(f"[red]config error:[/] {err}", soft_wrap=True)
-        sys.exit(2)
+        fail("config error", err, 2)
     if args.print_config:
         import yaml
 
         console.print(yaml.safe_dump(typed_config.to_dict(cfg), sort_keys=False))
         return
+    from vespo import preflight
+
+    try:
+        checked = preflight.check(cfg)
+    except preflight.PreflightError as err:
+        fail("error", err, 2)
+    console.print(checked.summary(), soft_wrap=True, highlight=False, markup=False)
     from vespo.controller import LearnerFailed
+    from vespo.reward_errors import RewardsFailing
 
     try:
         summary = run(cfg, console, resume=args.resume)
     except CheckpointError as err:
-        console.print(f"[red]cannot resume:[/] {err}", soft_wrap=True)
-        sys.exit(2)
-    except LearnerFailed as err:
-        console.print(f"[red]run failed:[/] {err}", soft_wrap=True, highlight=False)
-        sys.exit(1)
+        fail("cannot resume", err, 2)
+    except (LearnerFailed, RewardsFailing) as err:
+        fail("run failed", err, 1)
     verb = f"stopped by {summary.stopped}" if summary.stopped else "done"
     console.print(
         f"[bold green]{verb}[/]: {summary.steps} steps in {summary.wall_s:.0f}s, reward "
@@ -67,6 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     if summary.stopped:
         console.print(f"  resume with: vespo train --resume {summary.checkpoint}", soft_wrap=True, highlight=False)
         sys.exit(128 + getattr(signal, summary.stopped, signal.SIGTERM).value)
+
+
+def fail(what: str, err: BaseException, status: int) -> NoReturn:
+    """One line on stderr (no traceback) and the exit status: 2 for bad input, 1 for a failed run."""
+    Console(stderr=True).print(f"[red]{what}:[/] {err}", soft_wrap=True, highlight=False)
+    sys.exit(status)
 
 
 def config_of_checkpoint(path: str, overrides: list[str]) -> run_config.RunConfig:

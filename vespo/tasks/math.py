@@ -1,16 +1,29 @@
 """Math word problems from JSONL or Parquet rows, scored by math-verify.
 
-math-verify parses both the reference answer and the response (LaTeX, boxed answers, plain
-numbers) and compares them symbolically, so "\\frac{1}{2}" and "0.5" agree. Rows are checked
-when the file is read: a missing field or non-text value is an error naming the row.
+The rows may be veRL's Parquet (DAPO-Math-17k), OpenAI-style chat JSONL or plain prompt/answer
+rows: `vespo.tasks.datasets` reads them all and checks every row when the file is read.
+
+math-verify parses the reference answer and the response (LaTeX, boxed answers, plain numbers)
+and compares them symbolically, so "\\frac{1}{2}" and "0.5" agree. On its own it already takes
+a response's `\\boxed{}` or "the answer is x" phrase, and otherwise its last number ("3 apples
+plus 4 is 7" gives 7). It does not know GSM8K's `#### x` or DAPO's `Answer: x` lines, so those
+markers are found here first: the final answer is the last explicit marker in the response.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
+from vespo.tasks.datasets import load_samples
 from vespo.tasks.registry import TaskConfig, TaskSample
+
+# GSM8K's final line, "#### 1,234": only a number counts, so a markdown heading such as
+# "#### Step 1: add" or "#### 1. Set up" is not taken for an answer
+GSM8K_ANSWER = re.compile(r"####[ \t]*\$?[ \t]*(-?[\d,]*\d(?:\.\d+)?)[ \t]*\.?[ \t]*$", re.MULTILINE)
+# DAPO's "Answer: x" as a line of its own, markdown emphasis allowed ("**Final Answer:** x")
+ANSWER_LINE = re.compile(r"^[ \t>#*_-]*(?:final[ \t]+)?answer[ \t*_]*:[ \t*_]*(\S.*?)[ \t*_]*$", re.MULTILINE | re.I)
+THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 class MathTask:
@@ -18,54 +31,67 @@ class MathTask:
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
-        rows = read_rows(Path(cfg.path))
-        samples = [self._sample(i, row) for i, row in enumerate(rows)]
+        samples = load_samples(Path(cfg.path), cfg.prompt_key, cfg.answer_key)
         n_eval = int(len(samples) * cfg.eval_fraction)
         self._splits = {"train": samples[: len(samples) - n_eval], "eval": samples[len(samples) - n_eval :]}
 
     def samples(self, split: str) -> list[TaskSample]:
         return self._splits[split]
 
-    def _sample(self, index: int, row: dict) -> TaskSample:
-        values = []
-        for key in (self.cfg.prompt_key, self.cfg.answer_key):
-            if key not in row:
-                raise ValueError(f"{self.cfg.path}: row {index} has no {key!r} field (it has {sorted(row)})")
-            value = row[key]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key == self.cfg.answer_key:
-                value = str(value)
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{self.cfg.path}: row {index} field {key!r} must be non-empty text, got {value!r}")
-            values.append(value)
-        return TaskSample(str(row.get("id", index)), values[0], values[1])
-
 
 def math_reward(response: str, sample: TaskSample) -> float:
-    """1.0 when math-verify finds the reference answer in the response. Its own timeouts use
-    signal.alarm, which works only in a main thread: they are off, and the reward worker pool
-    enforces task.reward_timeout_s instead."""
-    from math_verify import parse, verify
+    """1.0 when math-verify finds the response's final answer equal to the reference answer.
+    Its own timeouts use signal.alarm, which works only in a main thread: they are off, and the
+    reward worker pool enforces task.reward_timeout_s instead."""
+    from math_verify import verify
 
-    answer = sample.answer
-    gold = parse(answer if "$" in answer or "\\" in answer else f"${answer}$", parsing_timeout=None)
-    return 1.0 if gold and verify(gold, parse(response, parsing_timeout=None), timeout_seconds=None) else 0.0
+    gold = reference_answer(sample.answer)
+    if not gold:
+        return 0.0
+    return 1.0 if verify(gold, response_answer(response), timeout_seconds=None) else 0.0
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        raise ValueError(f"math task file {path} does not exist")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+def reference_answer(answer: str) -> list:
+    """The parsed reference: GSM8K's text after the last `####` (thousands separators dropped),
+    else a worked solution's last `\\boxed{}` (MATH), else the whole text read as LaTeX."""
+    if "####" in answer:
+        answer = THOUSANDS.sub("", answer.rsplit("####", 1)[1].strip())
+    boxed = answer.rfind("\\boxed")
+    if boxed >= 0:
+        return _parse(answer[boxed:])
+    if "$" in answer:
+        return _parse(answer)
+    return _parse(f"${answer}$") or _parse(answer)
 
-        return pq.read_table(path).to_pylist()
-    if path.suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not a JSON object: {err}") from err
-        return rows
-    raise ValueError(f"math task file {path} must be .jsonl or .parquet")
+
+def response_answer(response: str) -> list:
+    """The parsed final answer of a response: that of its last explicit marker, else whatever
+    math-verify takes from the whole response."""
+    span = final_answer_span(response)
+    found = (_parse(span) or _parse_latex(span)) if span is not None else []
+    return found or _parse(response)
+
+
+def final_answer_span(response: str) -> str | None:
+    """The text of the last explicit final-answer marker in the response, or None: a `\\boxed{}`
+    (from it on; math-verify reads the box), a GSM8K `#### n` number or an `Answer: x` line."""
+    found: list[tuple[int, str]] = []
+    boxed = response.rfind("\\boxed")
+    if boxed >= 0:
+        found.append((boxed, response[boxed:]))
+    for pattern, clean in ((GSM8K_ANSWER, lambda s: THOUSANDS.sub("", s)), (ANSWER_LINE, str)):
+        matches = list(pattern.finditer(response))
+        if matches:
+            found.append((matches[-1].start(), clean(matches[-1].group(1))))
+    return max(found)[1] if found else None
+
+
+def _parse(text: str) -> list:
+    from math_verify import parse
+
+    return parse(text, parsing_timeout=None)
+
+
+def _parse_latex(text: str) -> list:
+    """`\\sqrt{2}` outside `$...$` is not read as LaTeX by math-verify; inside it is."""
+    return _parse(f"${text}$") if "$" not in text else []

@@ -49,8 +49,10 @@ RewardFn = Callable[[str, TaskSample], float]
 class TaskConfig:
     name: str = "arithmetic"  # arithmetic | math
     path: str | None = None  # math: a .jsonl or .parquet file of rows
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
+    # math: the fields holding prompt and answer, dotted paths allowed ("reward_model.ground_truth");
+    # None finds them from the first row (tasks/datasets.py: PROMPT_KEYS, ANSWER_KEYS; docs/data.md)
+    prompt_key: str | None = None
+    answer_key: str | None = None
     system_prompt: str | None = None
     eval_fraction: float = 0.1  # the last rows of the file (math) form the held-out split
     train_size: int = 4096  # arithmetic: problems per split

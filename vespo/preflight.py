@@ -1,0 +1,114 @@
+"""Checks made before Ray, vLLM and DeepSpeed start: a bad model or data file is one line, in seconds.
+
+Starting the stack takes a minute or more and its errors surface as tracebacks from inside an
+actor. Everything that can be checked from the driver alone is checked here first: the model
+directory (config, tokenizer, chat template where the data is chat), the data (file, schema,
+row counts, one prompt rendered through the template and tokenized, prompts that cannot fit)
+and the reward (importable, of a known signature).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vespo.models import resolve_model
+from vespo.run_config import RunConfig
+from vespo.tasks.registry import make_reward, make_task, render_prompt
+
+PROMPTS_CHECKED = 2000  # prompts measured against the length limit (all of them, up to this many)
+
+
+class PreflightError(ValueError):
+    """The run cannot start; the message names what to fix."""
+
+
+@dataclass
+class Checked:
+    model_path: str
+    architecture: str
+    train_prompts: int
+    eval_prompts: int
+    first_prompt: str
+    first_prompt_tokens: int
+    too_long: int  # of the prompts measured, those over rollout.max_model_len - max_new_tokens
+    measured: int
+
+    def summary(self) -> str:
+        long = f", {self.too_long} of {self.measured} measured too long (refused)" if self.too_long else ""
+        data = f"{self.train_prompts} train / {self.eval_prompts} held-out prompts"
+        return (f"checked: model {self.model_path} ({self.architecture}); data: {data}, "
+                f"the first renders to {self.first_prompt_tokens} tokens{long}")  # fmt: skip
+
+
+def check(cfg: RunConfig, need_eval: bool | None = None) -> Checked:
+    """Everything the driver can verify alone; raises PreflightError with a one-line reason."""
+    try:
+        model_path = resolve_model(cfg.model)
+    except (ValueError, OSError) as err:
+        raise PreflightError(f"model: {err}") from err
+    architecture = _architecture(model_path)
+    tokenizer = _tokenizer(model_path)
+    try:
+        task = make_task(cfg.task)
+        train, held_out = task.samples("train"), task.samples("eval")
+    except (ValueError, OSError) as err:
+        raise PreflightError(f"task: {err}") from err
+    if not train:
+        raise PreflightError(f"task: no training prompts (task.name {cfg.task.name}, task.path {cfg.task.path})")
+    need_eval = cfg.train.eval_every > 0 if need_eval is None else need_eval
+    if need_eval and not held_out:
+        raise PreflightError(
+            f"task: no held-out prompts (task.eval_fraction {cfg.task.eval_fraction} of {len(train)} rows); "
+            "raise task.eval_fraction or set train.eval_every=0"
+        )
+    try:
+        make_reward(cfg.task)
+    except (ValueError, ImportError) as err:
+        raise PreflightError(f"task.reward_fn: {err}") from err
+    chat = [s for s in train if s.messages is not None]
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise PreflightError(
+            f"model {cfg.model}: the data holds chat messages (sample {chat[0].id!r}) but the tokenizer has no "
+            "chat template to render them"
+        )
+    if tokenizer.eos_token_id is None:
+        raise PreflightError(f"model {cfg.model}: the tokenizer has no eos token, so no response could end")
+    limit = cfg.rollout.max_prompt_tokens
+    lengths = []
+    for sample in (train + held_out)[:PROMPTS_CHECKED]:
+        try:
+            text = render_prompt(sample, tokenizer, cfg.task.system_prompt)
+        except Exception as err:  # a template that fails on this sample's messages
+            raise PreflightError(f"task: sample {sample.id!r} cannot be rendered: {type(err).__name__}: {err}") from err
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    first = render_prompt(train[0], tokenizer, cfg.task.system_prompt)
+    too_long = sum(n > limit for n in lengths)
+    if too_long == len(lengths):
+        raise PreflightError(
+            f"task: every prompt measured is longer than {limit} tokens (the first has {lengths[0]}); raise "
+            "rollout.max_model_len or lower rollout.max_new_tokens"
+        )
+    return Checked(model_path, architecture, len(train), len(held_out), first, lengths[0], too_long, len(lengths))
+
+
+def _architecture(model_path: str) -> str:
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PreflightError(f"model {model_path}: config.json is not readable JSON: {err}") from err
+    architectures = config.get("architectures") or []
+    if not architectures:
+        raise PreflightError(f"model {model_path}: config.json names no architectures (a causal LM is needed)")
+    return architectures[0]
+
+
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except Exception as err:  # transformers raises many kinds here; all mean "no usable tokenizer"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PreflightError(f"model {model_path}: cannot load its tokenizer: {first}") from err
