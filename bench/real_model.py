@@ -117,7 +117,7 @@ async def run_engine(path: str, prompts: list[list[int]], warm: list[int], args)
     await engine.start()
     startup = time.perf_counter() - started
     try:
-        await engine.generate(warm, args.samples, "warm")  # a prompt not in the timed set
+        await engine.generate(warm, 1, "warm")  # one sample of a prompt not in the timed set
         begin = time.perf_counter()
         groups = await asyncio.gather(*(engine.generate(p, args.samples, f"p{i}") for i, p in enumerate(prompts)))
         seconds = time.perf_counter() - begin
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt (n)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes together")
-    parser.add_argument("--learner-rows", type=int, default=16, help="sequences per learner step")
+    parser.add_argument("--learner-rows", type=int, default=8, help="sequences per learner step")
     parser.add_argument("--response", type=int, default=64, help="response tokens of each learner row")
     parser.add_argument("--steps", type=int, default=2, help="timed learner steps after one warm-up step")
     parser.add_argument("--micro-batch-tokens", type=int, default=8192)
@@ -211,22 +211,30 @@ def main() -> None:
     n_params = params["total"]
     prompts, answers = rendered_prompts(path, args.prompts + 1, args.seed)
     warm, prompts, answers = prompts[0], prompts[1:], answers[1:]
+    mean_prompt = statistics.mean(len(p) for p in prompts)
     n_seqs = args.prompts * args.samples
     decode_batch = min(n_seqs, args.max_num_seqs)
-    train_tokens = args.learner_rows * (statistics.mean(len(p) for p in prompts) + args.response)
+    train_tokens = int(args.learner_rows * (mean_prompt + args.response))
+    say(
+        f"model: {MODEL}, float32; {n_params / 1e6:.1f}M parameters counted = {params['non_embedding'] / 1e6:.1f}M "
+        f"non-embedding + {params['embedding'] / 1e6:.1f}M embedding ({'tied, ' if params['tied'] else ''}"
+        f"counted once, as the LM head matmul); torch threads {torch.get_num_threads()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f} at the start"
+    )
 
-    log("measuring limits (GEMM, bandwidth)")
-    lim_engine = limits(int(train_tokens), decode_batch)
+    # 1. engine
+    lim_engine = limits(train_tokens, decode_batch)
+    say(limits_line("before the engine", lim_engine, train_tokens, decode_batch))
     log("starting the vLLM engine")
     eng = asyncio.run(run_engine(path, prompts, warm, args))
     tok = AutoTokenizer.from_pretrained(path)
-    completions = [c for g in eng["groups"] for c in g]
+    completions = [c for group in eng["groups"] for c in group]
     generated = sum(len(c.token_ids) for c in completions)
     longest = max(len(c.token_ids) for c in completions)
     correct = [
         word_problems.reward(tok.decode(c.token_ids, skip_special_tokens=True), answer)
-        for g, answer in zip(eng["groups"], answers, strict=True)
-        for c in g
+        for group, answer in zip(eng["groups"], answers, strict=True)
+        for c in group
     ]
     engine_tps = generated / eng["seconds"]
     prompt_tokens = sum(len(p) for p in prompts)
@@ -234,57 +242,55 @@ def main() -> None:
     compute_roof = generated / (2 * n_params * (generated + prompt_tokens) / lim_engine["gemm"])
     weight_bytes = n_params * 4
     bandwidth_roof = generated / (waves * longest * weight_bytes / lim_engine["bandwidth"])
-
-    log("measuring limits again; starting the learner")
-    trajs = learner_rows(prompts, args.learner_rows, args.response, tok.vocab_size, args.samples)
-    lim_learner = limits(int(train_tokens), decode_batch)
-    lrn = run_learner(path, trajs, args.steps, args.micro_batch_tokens)
-    learner_tps = lrn["tokens"] / lrn["step_s"]
-    learner_roof = lim_learner["gemm"] / (6 * n_params)
-
-    g = 1e9
-    mean_prompt = prompt_tokens / len(prompts)
-    print(
-        f"model: {MODEL}, float32; {n_params / 1e6:.1f}M parameters counted = {params['non_embedding'] / 1e6:.1f}M "
-        f"non-embedding + {params['embedding'] / 1e6:.1f}M embedding ({'tied: ' if params['tied'] else ''}"
-        f"counted once, as the LM head matmul); torch threads here {torch.get_num_threads()}, {os.cpu_count()} cores"
-    )
-    print(
-        f"limits before engine / learner: GEMM {train_tokens:.0f}x576@576x1536 {lim_engine['gemm'] / g:.1f} / "
-        f"{lim_learner['gemm'] / g:.1f} GFLOP/s (at {decode_batch} rows: {lim_engine['gemm_decode'] / g:.1f} / "
-        f"{lim_learner['gemm_decode'] / g:.1f}); read bandwidth {lim_engine['bandwidth'] / g:.1f} / "
-        f"{lim_learner['bandwidth'] / g:.1f} GB/s"
-    )
     tighter = "compute" if compute_roof <= bandwidth_roof else "bandwidth"
     engine_frac = engine_tps / min(compute_roof, bandwidth_roof)
-    print(
+    say(
         f"engine (vLLM, start-up {eng['startup_s']:.0f}s): {args.prompts} prompts (mean {mean_prompt:.0f} tokens) "
         f"x n={args.samples}, temperature 1, max_new_tokens={args.max_new_tokens}: {generated} tokens "
         f"(mean {generated / len(completions):.1f}, longest {longest}) in {eng['seconds']:.1f}s = "
-        f"{engine_tps:.0f} tokens/s; answered right {statistics.mean(correct):.1%}"
+        f"{engine_tps:.0f} tokens/s; answered right {statistics.mean(correct):.1%} of {len(correct)}"
     )
-    print(
-        f"  roofs: compute {compute_roof:.0f} tokens/s (2 x params x (generated + prompt) tokens / GEMM), "
-        f"bandwidth {bandwidth_roof:.0f} tokens/s ({waves} wave(s) x {longest} steps x {weight_bytes / 1e6:.0f} MB "
-        f"/ read bandwidth); tighter: {tighter}; engine at {engine_frac:.1%} of it "
+    say(
+        f"  roofs: compute {compute_roof:.0f} tokens/s (GEMM / (2 x params x (generated + prompt tokens))), "
+        f"bandwidth {bandwidth_roof:.0f} tokens/s (read bandwidth / ({waves} wave(s) x {longest} steps x "
+        f"{weight_bytes / 1e6:.0f} MB)); tighter: {tighter}; engine at {engine_frac:.1%} of it "
         f"({engine_tps / compute_roof:.1%} of compute, {engine_tps / bandwidth_roof:.1%} of bandwidth)"
     )
+
+    # 2. learner
+    trajs = learner_rows(prompts, args.learner_rows, args.response, tok.vocab_size, args.samples)
+    lim_learner = limits(train_tokens, decode_batch)
+    say(limits_line("before the learner", lim_learner, train_tokens, decode_batch))
+    log("starting the learner")
+    lrn = run_learner(path, trajs, args.steps, args.micro_batch_tokens)
+    learner_tps = lrn["tokens"] / lrn["step_s"]
+    learner_roof = lim_learner["gemm"] / (6 * n_params)
     parts = lrn["parts"]
-    total = sum(parts.values())
-    shares = ", ".join(f"{k} {v / total:.0%}" for k, v in parts.items())
-    print(
-        f"learner (DeepSpeed ZeRO 0, 1 rank, start-up {lrn['startup_s']:.0f}s): {args.learner_rows} rows x "
-        f"(~{mean_prompt:.0f} prompt + {args.response} response) = {lrn['tokens']} tokens "
+    shares = ", ".join(f"{k} {v / sum(parts.values()):.0%}" for k, v in parts.items())
+    say(
+        f"learner (DeepSpeed ZeRO 0, 1 rank, torch AdamW, start-up {lrn['startup_s']:.0f}s): {args.learner_rows} "
+        f"rows x (~{mean_prompt:.0f} prompt + {args.response} response) = {lrn['tokens']} tokens "
         f"({lrn['padded']} padded) per step, median of {args.steps} after a warm-up: {lrn['step_s']:.1f}s/step = "
         f"{learner_tps:.0f} tokens/s ({shares})"
     )
-    print(
-        f"  roof: {learner_roof:.0f} tokens/s (GEMM / (6 x params)); learner at {learner_tps / learner_roof:.1%} of it"
-    )
-    print(
-        f"summary: engine {engine_tps:.0f} tokens/s = {engine_frac:.1%} of its {tighter} roof; "
-        f"learner {learner_tps:.0f} tokens/s = {learner_tps / learner_roof:.1%} of its compute roof; "
+    say(f"  roof: {learner_roof:.0f} tokens/s (GEMM / (6 x params)); learner at {learner_tps / learner_roof:.1%} of it")
+    say(
+        f"summary (same run, load average {os.getloadavg()[0]:.1f} at the end): engine {engine_tps:.0f} tokens/s = "
+        f"{engine_frac:.1%} of its {tighter} roof; learner {learner_tps:.0f} tokens/s = "
+        f"{learner_tps / learner_roof:.1%} of its compute roof; "
         f"engine / learner tokens/s {engine_tps / learner_tps:.1f}x"
+    )
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def limits_line(when: str, lim: dict[str, float], tokens: int, decode_batch: int) -> str:
+    return (
+        f"limits {when}: GEMM {tokens}x576 @ 576x1536 {lim['gemm'] / 1e9:.1f} GFLOP/s "
+        f"(with {decode_batch} rows, a decode step's: {lim['gemm_decode'] / 1e9:.1f}); "
+        f"read bandwidth {lim['bandwidth'] / 1e9:.1f} GB/s"
     )
 
 
