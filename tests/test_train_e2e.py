@@ -4,6 +4,10 @@ wandb offline) for a few steps, in async mode and in sync mode with staleness ra
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,8 @@ from wandb_offline import read_run
 
 from vespo import run_config
 from vespo.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED_KEYS = {
     "reward/mean", "reward/accuracy", "actor/loss", "actor/grad_norm", "vespo/W_mean",
@@ -54,10 +60,21 @@ def test_training_runs_end_to_end(tmp_path, mode):
     if mode == "sync":  # N=2: the second update of each rollout batch trains on one-version-old data
         assert [row["staleness/batch_max"] for row in history if "reward/mean" in row] == [0, 1, 0, 1]
     assert logged_config["train"]["mode"] == mode
+    # `vespo eval` on an exported checkpoint: tests/test_real_model_run.py, on the real model
 
-    if mode == "async":  # `vespo eval` scores the checkpoint's exported model with a real engine
-        from vespo.evaluate import checkpoint_model, evaluate
 
-        result = evaluate(config(tmp_path), checkpoint_model(tmp_path / "checkpoints"), prompts=6, samples=3)
-        assert result.model == str(ckpt / "model") and result.prompts == 6 and result.failed_prompts == 0
-        assert 0.0 <= result.accuracy <= result.pass_at_k <= 1.0 and result.mean_response_tokens > 0
+def test_a_reward_that_always_fails_stops_the_run_with_its_error(tmp_path):
+    """Not `batch skipped` until batch_timeout_s: the run ends early, saying what the reward raised."""
+    (tmp_path / "broken_reward.py").write_text("def reward(response, answer):\n    return {'no': 'score'}['score']\n")
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "vespo", "train", "task.reward_fn=broken_reward:reward", "train.steps=50",
+         "train.groups_per_step=4", "rollout.n=4", "train.max_inflight_groups=8", f"train.output_dir={tmp_path}",
+         "wandb.mode=disabled"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "run failed: " in done.stderr and "failed their reward, e.g." in done.stderr
+    assert "reward raised KeyError: 'score'" in done.stderr
+    assert "step 1/50" not in done.stdout  # no update was made on nothing
+    assert time.monotonic() - started < 300

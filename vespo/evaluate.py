@@ -11,6 +11,7 @@ model and any checkpoint can be compared on equal terms:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -124,8 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         model = checkpoint_model(args.checkpoint) if args.checkpoint else args.model
         if args.samples < 1 or (args.prompts is not None and args.prompts < 1) or args.examples < 0:
             raise ValueError("--samples and --prompts must be >= 1, --examples >= 0")
-    except (typed_config.ConfigError, ValueError, OSError) as err:
-        console.print(f"[red]eval error:[/] {err}", soft_wrap=True)
+        from vespo import preflight
+
+        preflight.check(dataclasses.replace(cfg, model=model or cfg.model), need_eval=True)
+    except (typed_config.ConfigError, ValueError, OSError) as err:  # PreflightError included
+        Console(stderr=True).print(f"[red]eval error:[/] {err}", soft_wrap=True, highlight=False)
         sys.exit(2)
     r = evaluate(cfg, model, args.prompts, args.samples, args.examples)
     console.print(

@@ -129,7 +129,19 @@ def init_model(cfg: TinyModelConfig, vocab: int, pad_id: int, eos_id: int):
 
 
 def warm_up(model, tokenizer, texts: list[str], cfg: TinyModelConfig) -> None:
-    """Plain next-token training on "a+b=c<eos>" (every token, prompt included)."""
+    """Plain next-token training on "a+b=c<eos>" (every token, prompt included), on one thread:
+    a parallel reduction splits its sums by the thread count, so a warm-up on 2 cores and one
+    on 64 would start RL from different models. One thread gives the same bytes on any core
+    count (a few seconds for this model)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _warm_up(model, tokenizer, texts, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _warm_up(model, tokenizer, texts: list[str], cfg: TinyModelConfig) -> None:
     g = torch.Generator().manual_seed(cfg.seed)
     rows = [tokenizer(t + EOS)["input_ids"] for t in texts]
     width = max(map(len, rows))

@@ -12,6 +12,7 @@ markers are found here first: the final answer is the last explicit marker in th
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -45,10 +46,25 @@ def math_reward(response: str, sample: TaskSample) -> float:
     reward worker pool enforces task.reward_timeout_s instead."""
     from math_verify import verify
 
+    _quiet_timeout_notice()
     gold = reference_answer(sample.answer)
     if not gold:
         return 0.0
     return 1.0 if verify(gold, response_answer(response), timeout_seconds=None) else 0.0
+
+
+def _quiet_timeout_notice() -> None:
+    """math-verify warns once per process that its timeout is off and the caller must enforce
+    one. The reward pool does, so the notice would only tell users something false."""
+    for name in ("math_verify.grader", "math_verify.parser"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _TimeoutNotice) for f in logger.filters):
+            logger.addFilter(_TimeoutNotice())
+
+
+class _TimeoutNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timeout is disabled")
 
 
 def reference_answer(answer: str) -> list:
