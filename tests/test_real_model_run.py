@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from test_train_e2e import EXPECTED_KEYS
 from wandb_offline import read_run
 
 from vespo.models import resolve_model
@@ -33,11 +34,13 @@ def vespo(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def test_smollm2_trains_on_verl_parquet_math_and_its_checkpoint_serves(tmp_path):
     data = write_parquet(tmp_path / "word_problems.parquet", 120, seed=7)
     task = ["model=smollm2-135m", "task.name=math", f"task.path={data}", "task.eval_fraction=0.1",
-            "rollout.max_new_tokens=64", "rollout.max_model_len=384"]  # fmt: skip
+            "rollout.max_new_tokens=48", "rollout.max_model_len=384"]  # fmt: skip
     train = vespo(
         "train", *task, f"train.steps={STEPS}", "train.groups_per_step=4", "rollout.n=8",
         "train.max_inflight_groups=4", f"train.eval_every={STEPS}", "train.eval_prompts=8",
-        "train.eval_log_samples=3", "learner.lr=1e-6", f"train.output_dir={tmp_path / 'run'}",
+        "train.eval_log_samples=3", "learner.lr=1e-6", "buffer.max_staleness=1",
+        "learner.num_cpus_per_worker=2",  # two torch threads (Ray sets them from the CPUs asked for)
+        f"train.output_dir={tmp_path / 'run'}",
         f"wandb.dir={tmp_path / 'run'}",
     )  # fmt: skip
     out = train.stdout
@@ -47,8 +50,11 @@ def test_smollm2_trains_on_verl_parquet_math_and_its_checkpoint_serves(tmp_path)
 
     run_dir = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
     history, _ = read_run(run_dir)
+    keys = set().union(*history)
+    assert EXPECTED_KEYS | {"reward/error_frac", "faults/reward_errors", "eval/accuracy"} <= keys, EXPECTED_KEYS - keys
     steps = [row for row in history if "reward/mean" in row]
     assert [row["_step"] for row in steps] == list(range(1, STEPS + 1))
+    assert all(row["staleness/batch_max"] <= 1 for row in steps)  # buffer.max_staleness held in async mode
     assert all(row["faults/reward_errors"] == 0 and row["reward/error_frac"] == 0 for row in steps)
     # a real starting point: mostly wrong, but not always (RL has a signal)
     assert sum(row["reward/mean"] for row in steps) > 0, [row["reward/mean"] for row in steps]
@@ -60,7 +66,11 @@ def test_smollm2_trains_on_verl_parquet_math_and_its_checkpoint_serves(tmp_path)
     # the exported model: a Hugging Face directory transformers loads, still tied, and trained
     from transformers import AutoModelForCausalLM
 
-    model_dir = tmp_path / "run" / "checkpoints" / f"step_{STEPS:08d}" / "model"
+    ckpt = tmp_path / "run" / "checkpoints" / f"step_{STEPS:08d}"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == STEPS and meta["policy_version"] == STEPS  # a broadcast after every step
+    assert (ckpt / "buffer" / "buffer.msgpack").exists() and (ckpt / "controller" / "state.json").exists()
+    model_dir = ckpt / "model"
     trained = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32)
     assert trained.config.tie_word_embeddings
