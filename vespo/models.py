@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,12 +64,12 @@ def smollm2_gguf() -> Path:
 
 def smollm2_135m(path: str | Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as a float32 safetensors directory, converted once and cached."""
-    from vespo.tiny_model import cache_root
+    from vespo.tiny_model import build_once, cache_root
 
     gguf = smollm2_gguf()
     digest = hashlib.sha256(json.dumps([SMOLLM2_FORMAT, gguf.name, gguf.stat().st_size]).encode()).hexdigest()[:12]
     target = Path(path) if path is not None else cache_root() / f"smollm2-135m-{digest}"
-    return _build_once(target, lambda out: convert_gguf(gguf, out))
+    return build_once(target, lambda out: convert_gguf(gguf, out))
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
@@ -94,24 +92,6 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a private temporary directory and rename it into place: concurrent callers
-    are safe (the first rename wins) and a crash never leaves half a model behind."""
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(staging)
-        staging.rename(target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 NAMED: dict[str, Callable[[], Path]] = {"tiny": _tiny, "smollm2-135m": smollm2_135m}

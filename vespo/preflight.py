@@ -76,14 +76,14 @@ def check(cfg: RunConfig, need_eval: bool | None = None) -> Checked:
     if tokenizer.eos_token_id is None:
         raise PreflightError(f"model {cfg.model}: the tokenizer has no eos token, so no response could end")
     limit = cfg.rollout.max_prompt_tokens
-    lengths = []
+    lengths, first = [], ""
     for sample in (train + held_out)[:PROMPTS_CHECKED]:
         try:
             text = render_prompt(sample, tokenizer, cfg.task.system_prompt)
         except Exception as err:  # a template that fails on this sample's messages
             raise PreflightError(f"task: sample {sample.id!r} cannot be rendered: {type(err).__name__}: {err}") from err
+        first = first or text  # train[0] comes first
         lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    first = render_prompt(train[0], tokenizer, cfg.task.system_prompt)
     too_long = sum(n > limit for n in lengths)
     if too_long == len(lengths):
         raise PreflightError(

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,12 +62,19 @@ def tiny_model(cfg: TinyModelConfig | None = None, path: str | Path | None = Non
     in a private temporary directory and the first rename wins."""
     cfg = cfg or TinyModelConfig()
     target = Path(path) if path is not None else cache_root() / f"tiny-{cfg.digest()}"
+    return build_once(target, lambda out: build(cfg, out))
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, built by `build(staging)` if missing: into a private temporary directory, then
+    renamed into place, so concurrent callers are safe (the first rename wins) and a crash never
+    leaves half a model behind."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(cfg, staging)
+        build(staging)
         staging.rename(target)
     except OSError:
         if not (target / "config.json").exists():
