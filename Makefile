@@ -3,7 +3,7 @@
 
 train:
 	@bash scripts/venv.sh
-	.venv/bin/python -m vespo train
+	.venv/bin/python -m vespo train $(ARGS)
 
 test:
 	@bash scripts/venv.sh

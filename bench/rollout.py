@@ -106,7 +106,7 @@ def weight_update(cfg: RolloutConfig, weights: dict[str, torch.Tensor], repeats:
     actor, _ = start(cfg)
     try:
         bc = WeightBroadcaster(1, device=torch.device("cpu"))
-        join = actor.init_weight_group.remote(bc.host, bc.port, 1, bc.world_size, bc.backend)
+        join = actor.init_weight_group.remote(bc.host, bc.port, 1, bc.world_size, bc.backend, bc.secret)
         bc.connect()
         ray.get(join)
         plan = bc.plan(weights.items())

@@ -8,8 +8,8 @@ micro-batches), and shards rows by length so ranks finish together.
 
 from __future__ import annotations
 
-import shutil
-import socket
+import logging
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +21,10 @@ from buffer.trajectory import Trajectory
 from learner import checkpoint
 from learner.batching import TrainBatch, collate
 from learner.config import LearnerConfig
-from learner.worker import LearnerWorker, batch_totals, merge_metrics, shard, shard_rows
+from learner.worker import LearnerWorker, batch_totals, host_store, merge_metrics, shard, shard_rows
 from vespo.advantages import group_advantages
+
+log = logging.getLogger(__name__)
 
 
 class _RankActor(LearnerWorker):
@@ -31,14 +33,27 @@ class _RankActor(LearnerWorker):
     def __init__(self, cfg: LearnerConfig, rank: int):  # noqa: D107 - deferred on purpose
         self.cfg, self.rank = cfg, rank
 
-    def address(self) -> tuple[str, int]:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+    def host_rendezvous(self, secret: str, host: str | None) -> tuple[str, int]:
+        """Rank 0: start the group's authenticated store on `host` (default: this node's Ray
+        address); it lives as long as the actor."""
+        self._store_server = host_store(host or ray.util.get_node_ip_address(), secret)
+        return self._store_server.address
 
-    def setup(self, master_addr: str, master_port: int) -> int:
-        LearnerWorker.__init__(self, self.cfg, self.rank, master_addr, master_port)
+    def setup(self, store: tuple[str, int], secret: str) -> int:
+        LearnerWorker.__init__(self, self.cfg, self.rank, tuple(store), secret)
         return self.rank
+
+    def refused(self) -> list[str]:
+        """Connections to this rank's stores that did not prove their secret."""
+        server = getattr(self, "_store_server", None)
+        return (list(server.refused) if server is not None else []) + self.weight_sync_refused()
+
+
+def loopback_if_one_node() -> str | None:
+    """Where a run's stores listen: loopback when the Ray cluster is this one machine (nothing
+    else needs to reach them), else None: the node's own address, never all interfaces."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return "127.0.0.1" if len(alive) == 1 else None
 
 
 class LearnerGroup:
@@ -73,8 +88,11 @@ class LearnerGroup:
             ).remote(cfg, r)
             for r in range(cfg.world_size)
         ]
-        addr, port = ray.get(self.workers[0].address.remote())
-        ray.get([w.setup.remote(addr, port) for w in self.workers])
+        # the secret travels to the ranks through Ray (token-authenticated on a cluster), nowhere else
+        secret = secrets.token_hex(32)
+        store = ray.get(self.workers[0].host_rendezvous.remote(secret, loopback_if_one_node()))
+        log.info("learner group: rendezvous at %s:%d; ranks must prove the group's secret", *store)
+        ray.get([w.setup.remote(store, secret) for w in self.workers])
 
     def rebuild(self, cfg: LearnerConfig) -> None:
         """Every rank starts over from cfg (model, fresh optimizer, objective, seed); see
@@ -109,8 +127,20 @@ class LearnerGroup:
         return merge_metrics(ray.get(calls))
 
     def full_state_dict(self) -> dict:
-        """Full weights from rank 0 (every rank takes part in the gather under ZeRO-3)."""
+        """Full weights from rank 0 (every rank takes part in the gather under ZeRO-3). The whole
+        model lands in the driver: for checks on small models only, never on the export or
+        checkpoint path (use export_model)."""
         return ray.get([w.full_state_dict.remote() for w in self.workers])[0]
+
+    def export_model(self, out_dir: str | Path, shard_bytes: int | None = None) -> None:
+        """Write the full weights as a Hugging Face model directory at out_dir (a filesystem rank
+        0 writes and the caller can read), in safetensors shards of at most shard_bytes
+        (default learner.export.DEFAULT_SHARD_BYTES). Every rank takes part, one parameter at a
+        time; rank 0 streams the shards to disk, and no tensor ever reaches the driver."""
+        from learner.export import DEFAULT_SHARD_BYTES
+
+        size = DEFAULT_SHARD_BYTES if shard_bytes is None else shard_bytes
+        ray.get([w.export_model.remote(str(out_dir), size) for w in self.workers])
 
     def save_checkpoint(
         self,
@@ -118,19 +148,18 @@ class LearnerGroup:
         step: int,
         policy_version: int,
         extra: dict[str, Callable[[Path], None]] | None = None,
+        keep: int = 0,
     ) -> Path:
         """Checkpoint every rank, the exported model and any extra state (e.g. {"buffer": snapshot}),
-        atomically. Ranks must share the filesystem under root (a network volume on clusters)."""
-        staged = checkpoint.staging_dir(root, step)
-        if staged.exists():
-            shutil.rmtree(staged)
-        staged.mkdir(parents=True)
+        atomically (see learner.checkpoint.finalize); then keep the newest `keep` (0: all).
+        Ranks must share the filesystem under root (a network volume on clusters)."""
+        staged = checkpoint.prepare_staging(root, step)
         ray.get([w.save_checkpoint.remote(str(staged)) for w in self.workers])
-        checkpoint.export_hf(self.full_state_dict(), self.cfg.model_path, staged / "model")
+        self.export_model(staged / "model")  # rank 0 writes it shard by shard: no weights pass the driver
         for name, write in (extra or {}).items():
             write(staged / name)
         meta = checkpoint.CheckpointMeta(step, policy_version, self.cfg.world_size, self.cfg.zero_stage)
-        return checkpoint.finalize(root, meta)
+        return checkpoint.finalize(root, meta, keep=keep)
 
     def load_checkpoint(self, path: str | Path) -> checkpoint.CheckpointMeta:
         """Resume every rank from the newest complete checkpoint under path (or path itself)."""
@@ -144,10 +173,17 @@ class LearnerGroup:
         ray.get([w.load_checkpoint.remote(str(found)) for w in self.workers])
         return meta
 
-    def open_weight_sync(self, num_receivers: int, bucket_bytes: int = 64 << 20) -> tuple[str, int]:
+    def open_weight_sync(self, num_receivers: int, bucket_bytes: int = 64 << 20) -> tuple[str, int, str]:
         """Start hosting the weight group on rank 0; receivers join the returned address as
-        ranks 1..num_receivers, then call connect_weight_sync() (it waits for them)."""
-        return ray.get(self.workers[0].open_weight_sync.remote(num_receivers, bucket_bytes))
+        ranks 1..num_receivers with the returned secret, then call connect_weight_sync() (it
+        waits for them)."""
+        host = loopback_if_one_node()
+        return tuple(ray.get(self.workers[0].open_weight_sync.remote(num_receivers, bucket_bytes, host)))
+
+    def refused(self) -> list[str]:
+        """Every connection to the learner's stores (its own group's, the weight group's) that
+        did not prove the secret, as "ip:port (why)"."""
+        return ray.get(self.workers[0].refused.remote())
 
     def connect_weight_sync(self):
         """An ObjectRef that completes when every receiver has joined."""

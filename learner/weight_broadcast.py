@@ -6,6 +6,11 @@ vLLM's own groups, so it is built from a TCPStore and a backend object directly 
 `init_process_group` (which owns the process-wide default group). gloo on CPU, NCCL on CUDA:
 the same code.
 
+Nobody else joins: rank 0 hosts the group's rendezvous on an authenticated store
+(learner.rendezvous) bound to one address (loopback when the whole run is on one machine), and
+every member proves a secret made for this group, handed to the engines through Ray, before any
+address is exchanged. A process that merely reaches the port is refused and named in the log.
+
 Wire format: a *plan* (the bucket layout, plain lists, sent to the receivers beside the call
 that makes them listen) and then one broadcast per bucket, each a flat uint8 buffer holding
 several tensors back to back. Few large broadcasts beat one per tensor (latency per call), and
@@ -14,7 +19,7 @@ a byte buffer mixes dtypes freely. One bucket is packed while the previous one i
 
 from __future__ import annotations
 
-import socket
+import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -22,6 +27,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from learner.rendezvous import AuthStore, StoreServer, gloo_options
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 _STORE_PREFIX = "vespo-weights"
@@ -112,13 +119,24 @@ class WeightGroup:
         return self.backend.broadcast([buffer], opts)
 
 
-def open_group(host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 600.0) -> WeightGroup:
-    """Join the weight group (rank 0 hosts the store). Blocks until every rank has joined."""
+def open_group(
+    host: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    backend: str,
+    secret: str,
+    timeout_s: float = 600.0,
+    bind: str | None = None,
+) -> WeightGroup:
+    """Join the weight group whose store rank 0 hosts at host:port, proving `secret` (hex);
+    blocks until every rank has joined. `bind`: this member's own address for gloo's sockets
+    (default: host, right for rank 0 and for a run on one machine)."""
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+    store = AuthStore(host, port, bytes.fromhex(secret), timeout, name="weight group")
     prefixed = dist.PrefixStore(_STORE_PREFIX, store)
     if backend == "gloo":
-        group: dist.Backend = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        group: dist.Backend = dist.ProcessGroupGloo(prefixed, rank, world_size, gloo_options(bind or host, timeout))
     elif backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
@@ -161,8 +179,9 @@ class BroadcastStats:
 class WeightBroadcaster:
     """Rank 0 of the weight group, on the learner.
 
-    Usage: create it, start every receiver's join (rollout actors' `init_weight_group` with
-    `address`, their rank offset and `world_size`), call `connect()`; then per update make a
+    Usage: create it (it starts the group's store on `host`), start every receiver's join
+    (rollout actors' `init_weight_group` with `address`, their rank offset, `world_size` and
+    `secret`), call `connect()`; then per update make a
     plan, start the receivers with it and call `broadcast` with the same tensors in the same
     order. Under ZeRO-3 pass an iterator that gathers one parameter at a time: nothing here
     holds more than two buckets.
@@ -181,8 +200,9 @@ class WeightBroadcaster:
         self.bucket_bytes = bucket_bytes
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.backend = backend_for(self.device)
-        self.host = host or _node_ip()
-        self.port = port or _free_port()
+        self.secret = secrets.token_hex(32)  # one per group: a member of an earlier group cannot join this one
+        self.server = StoreServer(host or node_ip(), bytes.fromhex(self.secret), name="weight group", port=port)
+        self.host, self.port = self.server.address
         self.timeout_s = timeout_s
         self.group: WeightGroup | None = None
 
@@ -190,8 +210,13 @@ class WeightBroadcaster:
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
+    @property
+    def refused(self) -> list[str]:
+        """Connections to the group's store that did not prove the secret ("ip:port (why)")."""
+        return list(self.server.refused)
+
     def connect(self) -> None:
-        self.group = open_group(self.host, self.port, 0, self.world_size, self.backend, self.timeout_s)
+        self.group = open_group(self.host, self.port, 0, self.world_size, self.backend, self.secret, self.timeout_s)
 
     def plan(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[Bucket]:
         return plan_buckets((spec_of(n, t) for n, t in named_tensors), self.bucket_bytes)
@@ -222,9 +247,12 @@ class WeightBroadcaster:
 
     def close(self) -> None:
         self.group = None
+        self.server.close()
 
 
-def _node_ip() -> str:
+def node_ip() -> str:
+    """The address Ray uses for this node; loopback outside Ray. Stores bind to it, never to
+    all interfaces."""
     try:
         import ray
 
@@ -233,9 +261,3 @@ def _node_ip() -> str:
     except ImportError:
         pass
     return "127.0.0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]

@@ -8,6 +8,7 @@ CPU (DS_ACCELERATOR=cpu) and gloo otherwise.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -34,19 +35,30 @@ def backend() -> str:
 
 
 class LearnerWorker:
-    def __init__(self, cfg: LearnerConfig, rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500):
+    def __init__(
+        self, cfg: LearnerConfig, rank: int = 0, store: tuple[str, int] | None = None, secret: str | None = None
+    ):
+        """`store`: the address of the group's authenticated rendezvous (rank 0 hosts it, see
+        learner.group) and `secret` (hex) the proof every rank gives it. Without them (a single
+        in-process rank) this rank hosts its own on loopback."""
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if store is None:
+            if cfg.world_size != 1:
+                raise ValueError("a learner of several ranks needs the rendezvous store's address and secret")
+            self._store_server = host_store("127.0.0.1", secrets.token_hex(32))
+            store, secret = self._store_server.address, self._store_server.secret_hex
         os.environ.update(
             RANK=str(rank),
             LOCAL_RANK="0" if not torch.cuda.is_available() else str(rank % max(torch.cuda.device_count(), 1)),
             WORLD_SIZE=str(cfg.world_size),
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
+            MASTER_ADDR=store[0],
+            MASTER_PORT=str(store[1]),
         )
         import deepspeed
 
         self.cfg, self.rank = cfg, rank
+        join_default_group(store, secret, rank, cfg.world_size)
         deepspeed.init_distributed(dist_backend=backend(), rank=rank, world_size=cfg.world_size, verbose=False)
         self._build(cfg)
 
@@ -220,13 +232,79 @@ class LearnerWorker:
         self._stage0_grad_norm = float(norm)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full (unpartitioned) weights on CPU; collective under ZeRO-3, so call it on every rank."""
+        """Full (unpartitioned) weights on CPU; collective under ZeRO-3, so call it on every rank.
+        It holds the whole model at once (and its caller receives it): for checks on small
+        models only. Exports and checkpoints use export_model, which streams shard by shard."""
         import deepspeed
 
         module = self.engine.module
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
             return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+    def export_model(self, out_dir: str, shard_bytes: int) -> int:
+        """Write the full weights as a Hugging Face model directory (learner.export), shard by
+        shard; returns the bytes of weight files written (0 on ranks other than 0). Collective
+        under ZeRO-3: call it on every rank. Each tensor is gathered alone and released once
+        copied, so no rank holds more than one shard of copies plus one gathered parameter."""
+        from learner.export import write_hf_streaming
+        from learner.weight_broadcast import TensorSpec
+
+        entries = self._export_entries()
+        named = self._gathered(entries)
+        if self.rank != 0:
+            for _ in named:  # take part in the gathers
+                pass
+            return 0
+        specs = [
+            TensorSpec(n, str(t.dtype).removeprefix("torch."), tuple(getattr(t, "ds_shape", t.shape)))
+            for n, t in entries
+        ]
+        try:
+            files = write_hf_streaming(named, specs, self.cfg.model_path, out_dir, shard_bytes)
+        except BaseException:
+            for _ in named:  # the other ranks wait in the remaining gathers: let them finish
+                pass
+            raise
+        return sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
+
+    def _export_entries(self) -> list[tuple[str, torch.Tensor]]:
+        """What `save_pretrained` writes: the module's state_dict keys (parameters and persistent
+        buffers) in their order, each tensor once. Of names sharing one tensor (tied weights)
+        those the model declares tied (`_tied_weights_keys`, e.g. lm_head.weight) are dropped,
+        so from_pretrained finds the source weight and ties the rest to it again."""
+        import re
+
+        module = self.engine.module
+        state = module.state_dict(keep_vars=True)  # the Parameter/buffer objects, not copies
+        for key in getattr(module, "_keys_to_ignore_on_save", None) or ():
+            state.pop(key, None)
+        shared: dict[int, list[str]] = {}
+        for name, tensor in state.items():
+            shared.setdefault(id(tensor), []).append(name)
+        tied_patterns = [
+            f"{prefix}.{key}" if prefix else key
+            for prefix, sub in module.named_modules()
+            for key in (getattr(sub, "_tied_weights_keys", None) or ())
+        ]
+        drop: set[str] = set()
+        for names in shared.values():
+            if len(names) < 2:
+                continue
+            tied = [n for n in names if any(re.search(p, n) for p in tied_patterns)]
+            keep = next((n for n in names if n not in tied), names[0])
+            drop.update(n for n in names if n != keep)
+        return [(n, t) for n, t in state.items() if n not in drop]
+
+    def _gathered(self, entries: list[tuple[str, torch.Tensor]]):
+        """(name, full tensor) for each entry, gathering ZeRO-3 parameters one at a time; a
+        yielded tensor is valid until the next one is asked for."""
+        import deepspeed
+
+        for name, tensor in entries:
+            partitioned = self.cfg.zero_stage == 3 and hasattr(tensor, "ds_id")
+            with deepspeed.zero.GatheredParameters([tensor], enabled=partitioned):
+                yield name, tensor.detach()
 
     def save_checkpoint(self, staged_dir: str) -> None:
         """Write this rank's part of a checkpoint into the staging directory (see learner.checkpoint)."""
@@ -247,12 +325,20 @@ class LearnerWorker:
 
     # --- weight broadcast to the rollout engines (learner.weight_broadcast) -------------------
 
-    def open_weight_sync(self, num_receivers: int, bucket_bytes: int) -> tuple[str, int]:
-        """Rank 0 hosts the weight group; returns the address receivers join."""
+    def open_weight_sync(self, num_receivers: int, bucket_bytes: int, host: str | None = None) -> tuple[str, int, str]:
+        """Rank 0 hosts the weight group's store on `host` (default: this node's Ray address);
+        returns the address receivers join and the secret (hex) they must prove."""
         from learner.weight_broadcast import WeightBroadcaster
 
-        self.broadcaster = WeightBroadcaster(num_receivers, bucket_bytes=bucket_bytes, device=self.device)
-        return self.broadcaster.address
+        if getattr(self, "broadcaster", None) is not None:
+            self.broadcaster.close()
+        self.broadcaster = WeightBroadcaster(num_receivers, bucket_bytes=bucket_bytes, device=self.device, host=host)
+        return *self.broadcaster.address, self.broadcaster.secret
+
+    def weight_sync_refused(self) -> list[str]:
+        """Who tried to join the weight group without the secret (for the run's log)."""
+        broadcaster = getattr(self, "broadcaster", None)
+        return broadcaster.refused if broadcaster is not None else []
 
     def connect_weight_sync(self) -> None:
         self.broadcaster.connect()
@@ -291,11 +377,42 @@ class LearnerWorker:
             with deepspeed.zero.GatheredParameters([param], enabled=self.cfg.zero_stage == 3):
                 yield name, param.detach()
 
-    def version(self) -> int:
-        return self.step_count
 
-    def ping(self) -> int:
-        return self.rank
+def host_store(host: str, secret: str):
+    """Rank 0's rendezvous store for the learner's own process group (DeepSpeed's), bound to
+    `host` and open only to ranks that prove `secret`."""
+    from learner.rendezvous import StoreServer
+
+    server = StoreServer(host, bytes.fromhex(secret), name="learner group")
+    server.secret_hex = secret
+    return server
+
+
+def join_default_group(store: tuple[str, int], secret: str, rank: int, world_size: int) -> None:
+    """The default process group, made over the authenticated store (DeepSpeed then finds it
+    initialised and uses it): torch's env:// rendezvous would open a TCPStore on every
+    interface that anyone could join. gloo's own sockets bind to the store's interface."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from learner.rendezvous import AuthStore, interface_of
+    from learner.weight_broadcast import node_ip
+
+    if dist.is_initialized():
+        return
+    interface = interface_of(store[0] if store[0].startswith("127.") else node_ip())
+    if interface and backend() == "gloo":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+    elif interface:
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+    timeout = timedelta(minutes=30)
+    client = AuthStore(store[0], store[1], bytes.fromhex(secret), timeout, name="learner group")
+    _DEFAULT_STORE.append(client)  # torch keeps only the C++ half: the Python store must outlive the group
+    dist.init_process_group(backend(), store=client, rank=rank, world_size=world_size, timeout=timeout)
+
+
+_DEFAULT_STORE: list = []
 
 
 def batch_totals(batch: TrainBatch) -> dict[str, float]:

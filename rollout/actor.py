@@ -60,6 +60,7 @@ class RolloutActor:
         self.engine: Engine | None = None
         self.stats = RolloutStats()
         self._background: set[asyncio.Task] = set()
+        self._failed: list[tuple[str, str, bool]] = []  # submitted groups that failed: (id, why, refused)
         self._counter = 0
 
     async def start(self) -> dict:
@@ -99,7 +100,9 @@ class RolloutActor:
                 result.errors[item.group_id] = f"{type(outcome).__name__}: {outcome}"
                 self.stats.last_error = result.errors[item.group_id]
                 self.stats.prompt_errors += isinstance(outcome, PromptError)
-                if not isinstance(outcome, PromptError):
+                if isinstance(outcome, PromptError):
+                    result.refused.append(item.group_id)
+                else:
                     log.error("group %s failed: %s", item.group_id, result.errors[item.group_id])
             else:
                 result.trajectories.extend(outcome)
@@ -134,17 +137,32 @@ class RolloutActor:
         restart of this actor brings it back without one: the controller starts it)."""
         return len(self._background) if self.engine is not None else -1
 
+    async def poll(self) -> tuple[int, list[tuple[str, str, bool]]]:
+        """What the feeder needs each round, in one call: groups in flight (-1: no engine, as
+        `in_flight`) and the submitted groups that failed since the last poll, as (group id,
+        reason, refused). A refused prompt never works; another failure may on a retry. The
+        controller releases their admission slots and decides what to hand out again."""
+        failed, self._failed = self._failed, []
+        return (len(self._background) if self.engine is not None else -1), failed
+
     async def drain(self) -> None:
         """Wait until every submitted group is in the buffer (or reported failed)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def _group_to_buffer(self, item: PromptItem, n: int) -> None:
-        result = await self.generate([item], n)
-        if result.trajectories:
-            waited = time.perf_counter()
-            await self.buffer.put_packed.remote(columnar.pack(result.trajectories), None)
-            self.stats.push_wait_s += time.perf_counter() - waited
+        try:
+            result = await self.generate([item], n)
+            if result.trajectories:
+                waited = time.perf_counter()
+                await self.buffer.put_packed.remote(columnar.pack(result.trajectories), None)
+                self.stats.push_wait_s += time.perf_counter() - waited
+            for gid, why in result.errors.items():
+                self._failed.append((gid, why, gid in result.refused))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - reported to the controller, which requeues it
+            self._failed.append((item.group_id, f"{type(err).__name__}: {err}", False))
 
     async def _group(self, item: PromptItem, n: int) -> list[Trajectory]:
         prompt_ids = self.encode(item)
@@ -200,10 +218,17 @@ class RolloutActor:
 
     # -- weights ------------------------------------------------------------------------------
 
-    async def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> None:
-        """Join the learner's weight group as ranks rank_offset .. rank_offset + receivers - 1."""
+    async def init_weight_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str, secret: str
+    ) -> None:
+        """Join the learner's weight group as ranks rank_offset .. rank_offset + receivers - 1,
+        proving the group's secret (hex). This engine's own sockets bind to loopback when the
+        group's store is on loopback (one machine), else to this node's Ray address."""
+        from learner.weight_broadcast import node_ip
+
         self._require_engine()
-        await self.engine.init_weight_group(host, port, rank_offset, world_size, backend)
+        bind = host if host.startswith("127.") else node_ip()
+        await self.engine.init_weight_group(host, port, rank_offset, world_size, backend, secret, bind)
 
     async def receive_weights(self, plan_wire: list, version: int) -> dict:
         """Take part in one broadcast from the learner and switch to `version`."""

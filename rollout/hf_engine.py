@@ -124,8 +124,12 @@ class TransformersEngine:
         lps = scores.gather(-1, new.unsqueeze(-1)).squeeze(-1)
         return new.tolist(), lps.tolist()
 
-    async def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> None:
-        self.group = await asyncio.to_thread(wb.open_group, host, port, rank_offset, world_size, backend)
+    async def init_weight_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str, secret: str, bind: str
+    ) -> None:
+        self.group = await asyncio.to_thread(
+            wb.open_group, host, port, rank_offset, world_size, backend, secret, bind=bind
+        )
 
     async def receive_weights(self, plan_wire: list, version: int) -> int:
         if self.group is None:

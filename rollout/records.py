@@ -41,6 +41,7 @@ class RolloutResult:
 
     trajectories: list[Trajectory] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # group_id -> reason
+    refused: list[str] = field(default_factory=list)  # of errors, the prompts no retry can fix (PromptError)
     seconds: float = 0.0
 
     @property

@@ -109,8 +109,11 @@ class VllmEngine:
             raise RuntimeError(f"vLLM returned nothing for request {request_id}")
         return [_completion(c, version_start, self.version) for c in final.outputs]
 
-    async def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> None:
-        await self.llm.collective_rpc("vespo_init_weight_group", args=(host, port, rank_offset, world_size, backend))
+    async def init_weight_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str, secret: str, bind: str
+    ) -> None:
+        args = (host, port, rank_offset, world_size, backend, secret, bind)
+        await self.llm.collective_rpc("vespo_init_weight_group", args=args)
 
     async def receive_weights(self, plan_wire: list, version: int) -> int:
         async with self._paused(version):

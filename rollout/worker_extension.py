@@ -18,9 +18,12 @@ class VespoWorkerExtension:
 
     _vespo_group: wb.WeightGroup | None = None
 
-    def vespo_init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> int:
-        rank = rank_offset + self.rank  # one receiver per tensor-parallel shard
-        self._vespo_group = wb.open_group(host, port, rank, world_size, backend)
+    def vespo_init_weight_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str, secret: str, bind: str
+    ) -> int:
+        """Join as one receiver per tensor-parallel shard, proving the group's secret (hex)."""
+        rank = rank_offset + self.rank
+        self._vespo_group = wb.open_group(host, port, rank, world_size, backend, secret, bind=bind)
         return rank
 
     def vespo_receive_weights(self, plan_wire: list) -> int:

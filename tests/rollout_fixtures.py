@@ -50,7 +50,9 @@ class Sender:
         self.actors = actors
         self.bc = WeightBroadcaster(len(actors) * receivers_each, bucket_bytes=256 << 10, device=torch.device("cpu"))
         joins = [
-            a.init_weight_group.remote(self.bc.host, self.bc.port, 1 + i * receivers_each, self.bc.world_size, "gloo")
+            a.init_weight_group.remote(
+                self.bc.host, self.bc.port, 1 + i * receivers_each, self.bc.world_size, "gloo", self.bc.secret
+            )
             for i, a in enumerate(actors)
         ]
         self.bc.connect()

@@ -4,6 +4,7 @@ of the tiny config to a local Ray head started the way a cluster's head is."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vespo import plan_command, run_config
 from vespo.placement import cluster_from_file, demand_of, plan
@@ -57,6 +59,55 @@ def test_submit_checks_the_config_before_sending(capsys):
     with pytest.raises(SystemExit):
         submit.main(["deploy/configs/tiny.yaml", "train.stepz=3", "--address", "http://127.0.0.1:1"])
     assert "unknown key 'train.stepz'; did you mean 'steps'?" in capsys.readouterr().out
+
+
+def _ray_starts(commands: list[str]) -> list[tuple[list[str], list[str]]]:
+    """(environment assignments, flags) of every `ray start` among the launcher's commands."""
+    starts = []
+    for command in commands:
+        words = shlex.split(command)
+        for i in range(len(words) - 1):
+            if Path(words[i]).name == "ray" and words[i + 1] == "start":
+                starts.append(([w for w in words[:i] if "=" in w], words[i + 2 :]))
+    return starts
+
+
+def _dropped_off_loopback(commands: list[str]) -> set[int]:
+    """The TCP ports an `iptables ... ! -i lo -j DROP` rule among the commands closes."""
+    ports: set[int] = set()
+    for command in commands:
+        for rule in command.split("||"):
+            words = shlex.split(rule)
+            if "iptables" in words and "DROP" in words and "lo" in words and "--dports" in words:
+                ports |= {int(p) for p in words[words.index("--dports") + 1].split(",")}
+    return ports
+
+
+def test_cluster_yaml_starts_every_node_with_token_auth_and_loopback_dashboard():
+    launcher = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
+    head, workers = launcher["head_start_ray_commands"], launcher["worker_start_ray_commands"]
+    head_starts, worker_starts = _ray_starts(head), _ray_starts(workers)
+    assert len(head_starts) == 1 and "--head" in head_starts[0][1]
+    assert worker_starts and all(any(f.startswith("--address=") for f in flags) for _, flags in worker_starts)
+    everything = [c for key, cmds in launcher.items() if key.endswith("_commands") for c in cmds or []]
+    for env, flags in _ray_starts(everything):
+        # a worker's `ray start` does not turn token auth on by itself: it must be asked to
+        assert "RAY_AUTH_MODE=token" in env, flags
+        hosts = [f.split("=", 1)[1] for f in flags if f.startswith("--dashboard-host")]
+        assert hosts in ([], ["127.0.0.1"]), flags  # never 0.0.0.0 or a routable address
+        if any(f.startswith("--ray-client-server-port") for f in flags):
+            assert "RAY_AUTH_MODE=token" in env, flags  # the client server runs code for whoever connects
+    assert "--dashboard-host=127.0.0.1" in head_starts[0][1]
+    # every node gets the launching machine's token, owner-only
+    assert launcher["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert any("chmod 600 ~/.ray/auth_token" in c for c in launcher["setup_commands"])
+    # the unauthenticated Prometheus endpoints answer loopback only, on the port actually used
+    for commands, starts in ((head, head_starts), (workers, worker_starts)):
+        closed = _dropped_off_loopback(commands)
+        assert {44217, 44227} <= closed
+        for _, flags in starts:
+            metrics = [int(f.split("=", 1)[1]) for f in flags if f.startswith("--metrics-export-port=")]
+            assert metrics and set(metrics) <= closed, flags
 
 
 def _free_ports(n: int) -> list[int]:

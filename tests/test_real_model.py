@@ -52,8 +52,8 @@ def stack():
     try:
         ray.get(engine.start.remote())
         learner = LearnerGroup(LearnerConfig(model_path=model, lr=1e-4, grad_clip=0.0, eps=1e-5))
-        host, port = learner.open_weight_sync(1, 16 << 20)
-        ray.get([learner.connect_weight_sync(), engine.init_weight_group.remote(host, port, 1, 2, "gloo")])
+        host, port, secret = learner.open_weight_sync(1, 16 << 20)
+        ray.get([learner.connect_weight_sync(), engine.init_weight_group.remote(host, port, 1, 2, "gloo", secret)])
         yield {"engine": engine, "learner": learner, "tokenizer": AutoTokenizer.from_pretrained(model), "model": model}
     finally:
         ray.get(engine.shutdown.remote())

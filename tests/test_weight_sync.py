@@ -23,10 +23,10 @@ class ModelReceiver:
 
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
-    def join(self, host: str, port: int, rank: int, world_size: int) -> None:
+    def join(self, host: str, port: int, rank: int, world_size: int, secret: str) -> None:
         from learner.weight_broadcast import open_group
 
-        self.group = open_group(host, port, rank, world_size, "gloo")
+        self.group = open_group(host, port, rank, world_size, "gloo", secret)
 
     def receive(self, wire_plan: list) -> int:
         from learner.weight_broadcast import plan_from_wire, receive
@@ -58,8 +58,8 @@ def test_broadcast_leaves_receivers_bit_identical(ray_cluster, tmp_path, zero_st
     receivers = [ModelReceiver.remote(model_dir) for _ in range(2)]
     try:
         group.train_step(group.make_batch(synthetic_trajectories()))
-        host, port = group.open_weight_sync(num_receivers=2, bucket_bytes=64 << 10)  # many small buckets
-        joins = [r.join.remote(host, port, i + 1, 3) for i, r in enumerate(receivers)]
+        host, port, secret = group.open_weight_sync(num_receivers=2, bucket_bytes=64 << 10)  # many small buckets
+        joins = [r.join.remote(host, port, i + 1, 3, secret) for i, r in enumerate(receivers)]
         ray.get([group.connect_weight_sync(), *joins])
         plan = group.weight_plan()
         assert len(plan) > 1

@@ -86,6 +86,16 @@ class Controller:
         self.requeued_groups: list[str] = []
         self.reward_errors = RewardErrors(cfg.train.groups_per_step * cfg.rollout.n)
         self.eval_examples: list = []  # decoded samples of the last evaluation
+        self._reset_failures()
+        self.checkpoint_root = cfg.output / "checkpoints"
+
+    def _reset_failures(self) -> None:
+        """Groups that failed inside a live engine: retries per group, and what was given up."""
+        self._retries: dict[str, int] = {}
+        self.refused_prompts = 0  # prompts an engine refused (too long, empty): never retried
+        self.dropped_groups = 0  # groups that failed group_retries + 1 times
+        self.retried_groups = 0
+        self._refused_seen: list[str] = []  # connections to the learner's stores that failed the proof
 
     def request_stop(self, reason: str) -> None:
         """Finish the current step, checkpoint, shut down: what SIGTERM and Ctrl-C ask for."""
@@ -98,6 +108,8 @@ class Controller:
         newest complete step), continue that run: learner, versions, buffer, prompt stream."""
         cfg = self.cfg
         found = checkpoint.latest(resume) if resume is not None else None
+        if found is not None:
+            self.checkpoint_root = checkpoint.checkpoint_root(found)  # a resumed copy writes into the copy
         _init_ray(cfg)
         check_resources(cfg)
         model_path = resolve_model(cfg.model)
@@ -108,6 +120,7 @@ class Controller:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.task = make_task(cfg.task)
         self.prompts = PromptStream(self.task.samples("train"), seed=cfg.task.seed)
+        self._by_id = {s.id: s for s in self.prompts.samples}
         self.eval_samples = self.task.samples("eval")[: cfg.train.eval_prompts]
 
         self.buffer = buffer_actor(cfg.buffer, restore_from=str(found / "buffer") if found else None)
@@ -131,9 +144,11 @@ class Controller:
         """(Re)build the learner -> engines weight group: at start, and after an engine restart
         (a group has a fixed membership, so a restarted engine means a new group for all)."""
         receivers = self._receivers
-        host, port = self.learner.open_weight_sync(sum(receivers), self.cfg.train.weight_bucket_mb << 20)
+        host, port, secret = self.learner.open_weight_sync(sum(receivers), self.cfg.train.weight_bucket_mb << 20)
+        log.info("weight group: rank 0 at %s:%d, %d receiver(s); members must prove the group's secret",
+                 host, port, sum(receivers))  # fmt: skip
         offsets = np.cumsum([1, *receivers[:-1]]).tolist()
-        joins = [e.init_weight_group.remote(host, port, off, sum(receivers) + 1, _backend(self.cfg))
+        joins = [e.init_weight_group.remote(host, port, off, sum(receivers) + 1, _backend(self.cfg), secret)
                  for e, off in zip(self.engines, offsets, strict=True)]  # fmt: skip
         ray.get([self.learner.connect_weight_sync(), *joins])
 
@@ -170,14 +185,16 @@ class Controller:
         self._feeder_error = None
         self._clock = dict.fromkeys(self._clock, 0.0)
         self._submitted = {}
-        self._skipped_nonfinite = 0
+        self._skipped_nonfinite = self._skipped_updates = 0
         self._last = None
         self.stop_reason, self.resumed_from, self.trained_groups = None, None, []
         self._engine_of, self._dead, self.engine_restarts, self.requeued_groups = {}, set(), 0, []
         self.reward_errors = RewardErrors(cfg.train.groups_per_step * cfg.rollout.n)
         self.eval_examples: list = []  # decoded samples of the last evaluation
+        self._reset_failures()
         self.task = make_task(cfg.task)
         self.prompts = PromptStream(self.task.samples("train"), seed=cfg.task.seed)
+        self._by_id = {s.id: s for s in self.prompts.samples}
         self.eval_samples = self.task.samples("eval")[: cfg.train.eval_prompts]
         self._sync()
 
@@ -239,9 +256,9 @@ class Controller:
         )  # fmt: skip
 
     def _failure_message(self, err: Exception) -> str:
-        root = self.cfg.output / "checkpoints"
+        root = self.checkpoint_root
         try:
-            last = str(checkpoint.latest(root))
+            last = str(checkpoint.latest(root, verify=False))
         except (checkpoint.CheckpointError, OSError):
             last = None
         how = (
@@ -258,7 +275,7 @@ class Controller:
         while self.step < cfg.steps and self.stop_reason is None:
             t0 = time.perf_counter()
             payload = None
-            while payload is None:
+            while payload is None and self.stop_reason is None:  # a stop ends the wait within a second
                 if self._dead:
                     self._recover_engines()
                     t0 = time.perf_counter()  # the batch wait starts again: recovery is not a stall
@@ -270,6 +287,8 @@ class Controller:
                 if payload is None and time.perf_counter() - t0 > cfg.batch_timeout_s:
                     raise TimeoutError(f"no batch of {cfg.groups_per_step} fresh groups in {cfg.batch_timeout_s}s")
             self._clock["wait"] += time.perf_counter() - t0
+            if payload is None:
+                break
             batch = unpack_batch(payload)
             if not self._train(batch.trajectories, batch.staleness):
                 continue
@@ -291,10 +310,12 @@ class Controller:
                         if i in self._dead:
                             continue
                         try:
-                            count = ray.get(engine.in_flight.remote())
+                            count, failed = ray.get(engine.poll.remote())
                         except ENGINE_DOWN as err:
                             self._mark_dead(i, err)
                             continue
+                        if failed:
+                            self._failed_groups(failed, release_admission=True)
                         if count < 0:  # restarted by Ray, not started yet
                             self._mark_dead(i, None)
                             continue
@@ -321,10 +342,11 @@ class Controller:
             shares = [[self._handed_out(*p, i) for p in prompts[i::k]] for i in range(k)]
             results = self._generate_shares(shares)
             self._clock["generate"] += time.perf_counter() - t0
+            if results is None:  # stopped while generating: the prompts are requeued by the checkpoint
+                break
             groups: dict[str, list[Trajectory]] = {}
             for r in results:
-                for gid, err in r.errors.items():
-                    log.error("group %s skipped: %s", gid, err)
+                self._failed_groups([(g, why, g in r.refused) for g, why in r.errors.items()], release_admission=False)
                 for t in r.trajectories:
                     groups.setdefault(t.group_id, []).append(t)
             order = list(groups)
@@ -340,6 +362,38 @@ class Controller:
                 if self._train(chunk, [t.staleness(self.step) for t in chunk]):
                     self._after_step()
             self._sync()
+
+    def _failed_groups(self, failed: list[tuple[str, str, bool]], release_admission: bool) -> None:
+        """Groups that failed inside a live engine, as (group id, reason, refused). A refused
+        prompt (too long, empty) is dropped at once; any other failure is handed out again, up
+        to train.group_retries times, then dropped; both are counted (faults/*). In async mode
+        each frees its admission slot, or enough of them would stop prompt feeding for good."""
+        again, limit, released = [], self.cfg.train.group_retries, 0
+        for gid, why, refused in failed:
+            with self._submitted_lock:
+                sample_id = self._submitted.pop(gid, None)
+                self._engine_of.pop(gid, None)
+            if sample_id is None:
+                continue  # already accounted for (an engine recovery requeued it)
+            released += 1
+            tries = self._retries.get(gid, 0)
+            if refused:
+                self.refused_prompts += 1
+                if self.refused_prompts <= 3 or self.refused_prompts % 100 == 0:
+                    log.warning("prompt refused (%d so far, never retried): %s", self.refused_prompts, why)
+            elif tries >= limit:
+                self.dropped_groups += 1
+                self._retries.pop(gid, None)
+                log.error("group %s dropped after %d attempt(s): %s", gid, tries + 1, why)
+            else:
+                self._retries[gid] = tries + 1
+                self.retried_groups += 1
+                again.append((gid, self._by_id[sample_id]))
+                log.warning("group %s failed in its engine (%s); handing it out again (retry %d of %d)",
+                            gid, why, tries + 1, limit)  # fmt: skip
+        if release_admission and released:
+            self.buffer.abandon.remote(released)
+        self.prompts.requeue(again)
 
     # -- one step -------------------------------------------------------------------------
 
@@ -390,22 +444,33 @@ class Controller:
         metrics["faults/reward_errors"] = float(self.reward_errors.failed)
         metrics["faults/engine_restarts"] = float(self.engine_restarts)
         metrics["faults/requeued_groups"] = float(len(self.requeued_groups))
+        metrics["faults/refused_prompts"] = float(self.refused_prompts)
+        metrics["faults/retried_groups"] = float(self.retried_groups)
+        metrics["faults/dropped_groups"] = float(self.dropped_groups)
         self._pending = (metrics, staleness)
         return True
 
-    def _generate_shares(self, shares: list[list[PromptItem]]) -> list:
+    def _generate_shares(self, shares: list[list[PromptItem]]) -> list | None:
         """Sync mode: each engine generates its share; an engine that dies is restarted and
-        its whole share generated again (nothing of it reached the buffer or the learner)."""
+        its whole share generated again (nothing of it reached the buffer or the learner).
+        None when a stop was requested meanwhile: a stop does not wait for a long generation."""
         refs = {i: self.engines[i].generate.remote(share) for i, share in enumerate(shares) if share}
         results = []
         while refs:
+            ray.wait(list(refs.values()), num_returns=len(refs), timeout=1.0)
+            if self.stop_reason is not None:
+                return None
             for i, ref in list(refs.items()):
+                if i in self._dead:
+                    continue
                 try:
-                    results.append(ray.get(ref))
+                    results.append(ray.get(ref, timeout=0))
                     del refs[i]
+                except ray.exceptions.GetTimeoutError:
+                    pass
                 except ENGINE_DOWN as err:
                     self._mark_dead(i, err)
-            if refs:
+            if refs and all(i in self._dead for i in refs):  # the live engines are done: recover
                 self._recover_engines(requeue=False)
                 refs = {i: self.engines[i].generate.remote(shares[i]) for i in refs}
         return results
@@ -517,6 +582,11 @@ class Controller:
             metrics["perf/gen_tokens_per_s"] = (tokens - last[0]) / max(now - last[1], 1e-9)
         self._last = (tokens, now)
         metrics["perf/gen_engine_s_total"] = gen_s
+        refused = self.learner.refused()
+        for who in refused[len(self._refused_seen) :]:
+            log.warning("refused a connection to the learner's stores: %s did not prove the run's secret", who)
+        self._refused_seen = refused
+        metrics["faults/refused_connections"] = float(len(refused))
         metrics.update({f"time/{k}_s": v for k, v in self._clock.items()})
         shown = []
         if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -539,7 +609,7 @@ class Controller:
         return {"eval/reward": value, "eval/accuracy": float(np.mean(np.array(rewards) >= 1.0)) if rewards else 0.0}
 
     def checkpoint(self) -> Path:
-        root = self.cfg.output / "checkpoints"
+        root = self.checkpoint_root
         state = {"step": self.step, "version": self.version, "prompts": vars(self.prompts.state),
                  "config": typed_config.to_dict(self.cfg)}  # fmt: skip
 
@@ -561,7 +631,7 @@ class Controller:
 
         # the buffer first: the controller state records what it did not hold
         extra = {"buffer": snapshot_buffer, "controller": write_state}
-        return self.learner.save_checkpoint(root, self.step, self.version, extra)
+        return self.learner.save_checkpoint(root, self.step, self.version, extra, self.cfg.train.keep_checkpoints)
 
     def shutdown(self) -> None:
         self._stop.set()

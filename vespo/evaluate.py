@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from learner import checkpoint
 from vespo import run_config, typed_config
 
 
@@ -41,14 +42,13 @@ class EvalResult:
 
 def checkpoint_model(path: str | Path) -> str:
     """The Hugging Face model inside a checkpoint: a step directory (with model/) or a
-    checkpoints root (its newest complete step)."""
-    path = Path(path)
-    if (path / "model" / "config.json").exists():
-        return str(path / "model")
-    steps = sorted(p for p in path.glob("step_*") if (p / "model" / "config.json").exists())
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint with a model/ directory under {path}")
-    return str(steps[-1] / "model")
+    checkpoints root (the step its `latest` names). The checkpoint is verified first (every
+    file against its manifest), so a half-written step_N.tmp or a truncated one is refused
+    with CheckpointError rather than evaluated."""
+    found = checkpoint.latest(path)
+    if not (found / "model" / "config.json").is_file():
+        raise checkpoint.CheckpointError(f"checkpoint {found} has no exported model (model/config.json)")
+    return str(found / "model")
 
 
 def evaluate(
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         from vespo import preflight
 
         preflight.check(dataclasses.replace(cfg, model=model or cfg.model), need_eval=True)
-    except (typed_config.ConfigError, ValueError, OSError) as err:  # PreflightError included
+    except (typed_config.ConfigError, ValueError, OSError, checkpoint.CheckpointError) as err:  # PreflightError too
         Console(stderr=True).print(f"[red]eval error:[/] {err}", soft_wrap=True, highlight=False)
         sys.exit(2)
     r = evaluate(cfg, model, args.prompts, args.samples, args.examples)

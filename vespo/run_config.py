@@ -41,6 +41,8 @@ class TrainConfig:
     output_dir: str = "runs/vespo"  # checkpoints and wandb files go under it
     batch_timeout_s: float = 600.0  # the learner gives up waiting for a batch after this long
     engine_restart_timeout_s: float = 600.0  # how long a dead engine may take to come back (Ray restart + start)
+    group_retries: int = 2  # a group that fails inside a live engine is handed out again this often, then dropped
+    keep_checkpoints: int = 3  # complete checkpoints kept (the newest); 0 keeps all
     ray_address: str | None = None  # None: start a local Ray (or use RAY_ADDRESS / an initialised Ray)
 
     def __post_init__(self) -> None:
@@ -50,6 +52,10 @@ class TrainConfig:
             raise ValueError(f"train.staleness_ratio must be >= 1, got {self.staleness_ratio}")
         if self.eval_every < 0 or self.checkpoint_every < 0 or self.max_inflight_groups < 1:
             raise ValueError("train.eval_every and checkpoint_every must be >= 0, max_inflight_groups >= 1")
+        if self.group_retries < 0 or self.keep_checkpoints < 0:
+            raise ValueError("train.group_retries and train.keep_checkpoints must be >= 0")
+        if self.batch_timeout_s <= 0 or self.engine_restart_timeout_s <= 0:
+            raise ValueError("train.batch_timeout_s and train.engine_restart_timeout_s must be > 0")
         if self.eval_log_samples < 0 or self.eval_prompts < 1:
             raise ValueError("train.eval_log_samples must be >= 0 and train.eval_prompts >= 1")
 

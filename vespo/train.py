@@ -7,6 +7,7 @@ this machine, async mode, real vLLM, DeepSpeed, local Ray, wandb offline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -26,21 +27,34 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run that train.output_dir holds (its checkpoints too)"
+    )
+    parser.add_argument(
         "--resume",
         metavar="DIR",
         help="continue a run from a checkpoint (a step directory, or a checkpoints root: its newest complete step); "
         "without CONFIG the run's own config is used, overrides apply on top (e.g. train.steps=1000)",
     )
     args = run_config.parse_config_arguments(parser, argv)
-    from learner.checkpoint import CheckpointError
+    from learner import checkpoint
+    from vespo import run_dir
 
     console = Console()
+    found = None
     try:
+        if args.resume:
+            found = checkpoint.latest(args.resume)  # every file checked before anything starts
         if args.resume and not args.config:
-            cfg = config_of_checkpoint(args.resume, args.overrides)
+            cfg = config_of_checkpoint(found, args.overrides)
         else:
             cfg = run_config.load(args.config, args.overrides)
-    except (typed_config.ConfigError, ValueError, OSError, CheckpointError) as err:
+        if found is not None:
+            cfg.train.output_dir = str(checkpoint.checkpoint_root(found).parent)  # continue where it lies
+        if not args.print_config:
+            run_dir.check(cfg.output, overwrite=args.overwrite, resuming=found is not None)
+    except checkpoint.CheckpointError as err:
+        fail("cannot resume", err, 2)
+    except (typed_config.ConfigError, ValueError, OSError) as err:
         fail("config error", err, 2)
     if args.print_config:
         import yaml
@@ -57,12 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     from vespo.controller import LearnerFailed
     from vespo.reward_errors import RewardsFailing
 
+    run_dir.claim(cfg.output, overwrite=args.overwrite, resuming=found is not None)
     try:
-        summary = run(cfg, console, resume=args.resume)
-    except CheckpointError as err:
+        summary = run(cfg, console, resume=found)
+    except checkpoint.CheckpointError as err:
         fail("cannot resume", err, 2)
     except (LearnerFailed, RewardsFailing) as err:
         fail("run failed", err, 1)
+    finally:
+        run_dir.release(cfg.output)
     verb = f"stopped by {summary.stopped}" if summary.stopped else "done"
     console.print(
         f"[bold green]{verb}[/]: {summary.steps} steps in {summary.wall_s:.0f}s, reward "
@@ -81,19 +98,36 @@ def fail(what: str, err: BaseException, status: int) -> NoReturn:
     sys.exit(status)
 
 
-def config_of_checkpoint(path: str, overrides: list[str]) -> run_config.RunConfig:
-    """The config a checkpointed run was started with (stored in it), with overrides on top."""
+def config_of_checkpoint(path, overrides: list[str]) -> run_config.RunConfig:
+    """The config a checkpointed run was started with (stored in it), with overrides on top,
+    validated as a user's would be. A checkpoint is data, not a source of code: an import path
+    it names (`task.reward_fn`) is used only when the user names it again."""
     import json
+    from pathlib import Path
 
-    from learner.checkpoint import latest
+    from learner.checkpoint import CheckpointError, latest
 
-    data = json.loads((latest(path) / "controller" / "state.json").read_text())["config"]
+    found = latest(path)
+    try:
+        data = json.loads((Path(found) / "controller" / "state.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{found}: its controller/state.json holds no readable config ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{found}: the config in controller/state.json is not a mapping")
+    stored = (data.get("task") or {}).get("reward_fn") if isinstance(data.get("task"), dict) else None
+    named = any(item.partition("=")[0].strip() == "task.reward_fn" for item in overrides)
+    if stored and not named:
+        raise typed_config.ConfigError(
+            f"the checkpoint's config names task.reward_fn={stored}, code that would be imported and run; a "
+            f"checkpoint is not trusted to choose code: name it yourself to use it (task.reward_fn={stored}) "
+            "or pass a config file"
+        )
     for item in overrides:
         typed_config.apply_override(data, item)
     return typed_config.build(run_config.RunConfig, data)
 
 
-def run(cfg: run_config.RunConfig, console: Console | None = None, resume: str | None = None):
+def run(cfg: run_config.RunConfig, console: Console | None = None, resume=None):
     """Run training to the end (or to a SIGTERM / Ctrl-C, which finish the current step and
     checkpoint); returns the RunSummary. Ray is left running if it was already up."""
     import ray
@@ -102,9 +136,11 @@ def run(cfg: run_config.RunConfig, console: Console | None = None, resume: str |
 
     console = console or Console()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg.wandb.dir = cfg.wandb.dir if cfg.wandb.dir != "runs" else str(cfg.output)
+    # wandb files go under the run's directory unless the user chose a place; the stored config
+    # keeps the default, so a resumed copy of the run logs into the copy
+    wandb_cfg = dataclasses.replace(cfg.wandb, dir=str(cfg.output) if cfg.wandb.dir == "runs" else cfg.wandb.dir)
     was_up = ray.is_initialized()
-    logger = RunLogger(cfg.wandb, typed_config.to_dict(cfg), console, total_steps=cfg.train.steps)
+    logger = RunLogger(wandb_cfg, typed_config.to_dict(cfg), console, total_steps=cfg.train.steps)
     controller = Controller(cfg, logger)
     console.print(f"[bold]vespo[/] {cfg.train.mode} run: {cfg.train.steps} steps, model {cfg.model}, "
                   f"task {cfg.task.name}, objective {cfg.learner.objective}; wandb: {logger.location}"
