@@ -43,10 +43,14 @@ class _RankActor(LearnerWorker):
         LearnerWorker.__init__(self, self.cfg, self.rank, tuple(store), secret)
         return self.rank
 
-    def refused(self) -> list[str]:
-        """Connections to this rank's stores that did not prove their secret."""
+    def refused(self) -> tuple[int, list[str]]:
+        """Connections to this rank's stores that did not prove their secret: how many, and
+        the latest ones of each store."""
         server = getattr(self, "_store_server", None)
-        return (list(server.refused) if server is not None else []) + self.weight_sync_refused()
+        total, latest = self.weight_sync_refused()
+        if server is not None:
+            total, latest = total + server.refused_total, [*server.refused, *latest]
+        return total, latest
 
 
 def loopback_if_one_node() -> str | None:
@@ -180,10 +184,10 @@ class LearnerGroup:
         host = loopback_if_one_node()
         return tuple(ray.get(self.workers[0].open_weight_sync.remote(num_receivers, bucket_bytes, host)))
 
-    def refused(self) -> list[str]:
-        """Every connection to the learner's stores (its own group's, the weight group's) that
-        did not prove the secret, as "ip:port (why)"."""
-        return ray.get(self.workers[0].refused.remote())
+    def refused(self) -> tuple[int, list[str]]:
+        """Connections to the learner's stores (its own group's, the weight group's) that did
+        not prove the secret: how many in all, and the latest as "ip:port (why)"."""
+        return tuple(ray.get(self.workers[0].refused.remote()))
 
     def connect_weight_sync(self):
         """An ObjectRef that completes when every receiver has joined."""

@@ -24,6 +24,7 @@ networks must be private. For the same reason, frames after the handshake carry 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import ipaddress
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 _MAGIC = b"VESPOST1"  # opens both sides' handshake messages: anything else is not a member
 _NONCE = 32
 _MAC = 32
+_KEEP_REFUSED = 20  # refused connections remembered (and logged one by one)
 _MAX_FRAME = 64 << 20  # a frame claiming more is refused before anything is read into memory
 _LEN = struct.Struct("!I")
 _DEFAULT_TIMEOUT = timedelta(seconds=300)  # c10d's default store timeout
@@ -100,7 +102,9 @@ def _every_interface(host: str) -> bool:
 
 class StoreServer:
     """The store, served from daemon threads until close(). Only connections that prove the
-    secret get to touch a key; every other one lands in `refused` as "ip:port (reason)"."""
+    secret get to touch a key; every other one is counted in `refused_total` and the latest
+    ones kept in `refused` as "ip:port (reason)" (bounded: a flood of strangers costs a
+    counter, not memory, and logs its first connections and then one line per hundred)."""
 
     def __init__(
         self, host: str, secret: bytes, name: str = "process group", port: int = 0, handshake_timeout_s: float = 5.0
@@ -108,7 +112,8 @@ class StoreServer:
         if _every_interface(host):
             raise ValueError(f"the {name}'s store must bind one address, not {host!r} (every interface)")
         self.name = name
-        self.refused: list[str] = []
+        self.refused: collections.deque[str] = collections.deque(maxlen=_KEEP_REFUSED)
+        self.refused_total = 0
         self._secret, self._handshake_timeout_s = secret, handshake_timeout_s
         self._data: dict[bytes, bytes] = {}
         self._cond = threading.Condition()
@@ -150,7 +155,10 @@ class StoreServer:
 
     def _refuse(self, peer: tuple, reason: str) -> None:
         self.refused.append(f"{peer[0]}:{peer[1]} ({reason})")
-        log.warning("refused a connection to the %s from %s:%s: %s", self.name, peer[0], peer[1], reason)
+        self.refused_total += 1
+        if self.refused_total <= _KEEP_REFUSED or self.refused_total % 100 == 0:
+            log.warning("refused a connection to the %s from %s:%s: %s (%d refused so far)", self.name, peer[0],
+                        peer[1], reason, self.refused_total)  # fmt: skip
 
     def _handshake(self, conn: socket.socket, peer: tuple) -> bool:
         nonce = secrets.token_bytes(_NONCE)

@@ -211,9 +211,10 @@ class WeightBroadcaster:
         return self.host, self.port
 
     @property
-    def refused(self) -> list[str]:
-        """Connections to the group's store that did not prove the secret ("ip:port (why)")."""
-        return list(self.server.refused)
+    def refused(self) -> tuple[int, list[str]]:
+        """Connections to the group's store that did not prove the secret: how many, and the
+        latest as "ip:port (why)"."""
+        return self.server.refused_total, list(self.server.refused)
 
     def connect(self) -> None:
         self.group = open_group(self.host, self.port, 0, self.world_size, self.backend, self.secret, self.timeout_s)

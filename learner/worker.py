@@ -335,10 +335,10 @@ class LearnerWorker:
         self.broadcaster = WeightBroadcaster(num_receivers, bucket_bytes=bucket_bytes, device=self.device, host=host)
         return *self.broadcaster.address, self.broadcaster.secret
 
-    def weight_sync_refused(self) -> list[str]:
-        """Who tried to join the weight group without the secret (for the run's log)."""
+    def weight_sync_refused(self) -> tuple[int, list[str]]:
+        """Who tried to join the weight group without the secret: how many, and the latest."""
         broadcaster = getattr(self, "broadcaster", None)
-        return broadcaster.refused if broadcaster is not None else []
+        return broadcaster.refused if broadcaster is not None else (0, [])
 
     def connect_weight_sync(self) -> None:
         self.broadcaster.connect()

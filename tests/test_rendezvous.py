@@ -92,12 +92,21 @@ def test_wrong_secret_fails_fast_and_is_recorded(server, caplog):
     assert any(
         r.levelno == logging.WARNING
         and r.getMessage().startswith(f"refused a connection to the weight group from {LOOPBACK}:")
-        and r.getMessage().endswith(": it did not prove the run's secret")
+        and r.getMessage().endswith(": it did not prove the run's secret (1 refused so far)")
         for r in caplog.records
     )
     legit = member(server)  # the refusal did not disturb the store
     legit.set("k", b"v")
     assert legit.get("k") == b"v"
+
+
+def test_a_flood_of_strangers_costs_a_counter_not_memory(server):
+    for _ in range(rendezvous._KEEP_REFUSED + 10):
+        with pytest.raises(RendezvousError):
+            member(server, timeout_s=10, secret=b"a guess")
+    wait_until(lambda: server.refused_total == rendezvous._KEEP_REFUSED + 10)
+    assert len(server.refused) == rendezvous._KEEP_REFUSED
+    member(server).set("still", b"serving")  # and members still get in
 
 
 def test_stock_tcpstore_client_gets_nothing(server):

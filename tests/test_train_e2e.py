@@ -38,7 +38,7 @@ def config(tmp_path: Path, *overrides: str) -> run_config.RunConfig:
 @pytest.mark.parametrize("mode", ["sync"])  # async: tests/test_real_model_run.py, same checks
 def test_training_runs_end_to_end(tmp_path, mode):
     extra = ["train.mode=sync", "train.staleness_ratio=2"] if mode == "sync" else []
-    cfg = config(tmp_path, *extra)
+    cfg = config(tmp_path, *extra, "train.checkpoint_every=1", "train.keep_checkpoints=2")
     summary = run(cfg)
 
     assert summary.steps == 4
@@ -51,6 +51,8 @@ def test_training_runs_end_to_end(tmp_path, mode):
     assert meta["step"] == 4 and meta["policy_version"] == 4
     assert (ckpt / "model" / "model.safetensors").exists() and (ckpt / "buffer" / "buffer.msgpack").exists()
     assert json.loads((ckpt / "controller" / "state.json").read_text())["step"] == 4
+    # a checkpoint after every step, of which only the newest 2 are kept
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000003", "step_00000004"]
 
     history, logged_config = read_run(next((tmp_path / "wandb").glob("offline-run-*")))
     keys = set().union(*history)

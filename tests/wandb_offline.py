@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -38,10 +39,19 @@ def records(path: Path):
             yield record
 
 
-def read_run(run_dir: Path) -> tuple[list[dict], dict]:
-    """(history rows as {key: value}, config as {key: value}) of an offline run directory."""
+def read_run(run_dir: Path, wait_s: float = 30.0) -> tuple[list[dict], dict]:
+    """(history rows as {key: value}, config as {key: value}) of an offline run directory.
+
+    wandb's writer is another process: `finish()` can return before the file holds everything
+    on a loaded machine. The run's `exit` record is written last, so wait (up to wait_s) for it."""
+    path = next(Path(run_dir).glob("run-*.wandb"))
+    deadline = time.monotonic() + wait_s
+    found = list(records(path))
+    while not any(r.WhichOneof("record_type") == "exit" for r in found) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = list(records(path))
     history, config = [], {}
-    for record in records(next(Path(run_dir).glob("run-*.wandb"))):
+    for record in found:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})

@@ -95,7 +95,7 @@ class Controller:
         self.refused_prompts = 0  # prompts an engine refused (too long, empty): never retried
         self.dropped_groups = 0  # groups that failed group_retries + 1 times
         self.retried_groups = 0
-        self._refused_seen: list[str] = []  # connections to the learner's stores that failed the proof
+        self._refused_seen = 0  # connections to the learner's stores that failed the proof, already logged
 
     def request_stop(self, reason: str) -> None:
         """Finish the current step, checkpoint, shut down: what SIGTERM and Ctrl-C ask for."""
@@ -487,6 +487,9 @@ class Controller:
                 ray.get(ref)
             except ENGINE_DOWN as err:
                 self._mark_dead(i, err)
+            except ray.exceptions.RayTaskError:
+                ray.get(sending)  # a learner rank that died mid-broadcast is the cause: its error is the one to report
+                raise
         if self._dead:
             # the group lost a member: the learner's side fails (gloo sees the peer gone) or
             # finishes; either way the group is rebuilt and the weights sent again
@@ -582,11 +585,11 @@ class Controller:
             metrics["perf/gen_tokens_per_s"] = (tokens - last[0]) / max(now - last[1], 1e-9)
         self._last = (tokens, now)
         metrics["perf/gen_engine_s_total"] = gen_s
-        refused = self.learner.refused()
-        for who in refused[len(self._refused_seen) :]:
+        total, latest = self.learner.refused()
+        for who in latest[len(latest) - min(total - self._refused_seen, len(latest)) :]:
             log.warning("refused a connection to the learner's stores: %s did not prove the run's secret", who)
-        self._refused_seen = refused
-        metrics["faults/refused_connections"] = float(len(refused))
+        self._refused_seen = total
+        metrics["faults/refused_connections"] = float(total)
         metrics.update({f"time/{k}_s": v for k, v in self._clock.items()})
         shown = []
         if cfg.eval_every and self.step % cfg.eval_every == 0:
