@@ -104,9 +104,19 @@ class LearnerGroup:
         ray.get([w.rebuild.remote(cfg) for w in self.workers])
         self.cfg = cfg
 
-    def make_batch(self, trajectories: list[Trajectory], pad_id: int = 0) -> TrainBatch:
+    def make_batch(
+        self, trajectories: list[Trajectory], pad_id: int = 0, weights: list[float] | None = None
+    ) -> TrainBatch:
+        """Group-relative advantages, each scaled by its trajectory's weight (the buffer's
+        `downweight` policy: < 1 for groups staler than the cap). Every objective is positively
+        homogeneous in the advantage, so a weight w scales exactly that sequence's contribution
+        to the gradient by w (tests/test_downweight.py)."""
         rewards = np.array([t.reward for t in trajectories], dtype=np.float32)
         adv = group_advantages(rewards, [t.group_id for t in trajectories], self.cfg.normalize_adv_std)
+        if weights is not None:
+            if len(weights) != len(trajectories) or any(not w >= 0 for w in weights):
+                raise ValueError(f"need one weight >= 0 per trajectory, got {len(weights)} for {len(trajectories)}")
+            adv = adv * torch.as_tensor(weights, dtype=torch.float32)
         return collate(trajectories, adv.numpy(), pad_id)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

@@ -290,7 +290,7 @@ class Controller:
             if payload is None:
                 break
             batch = unpack_batch(payload)
-            if not self._train(batch.trajectories, batch.staleness):
+            if not self._train(batch.trajectories, batch.staleness, batch.weights):
                 continue
             if self.step % cfg.sync_every == 0:
                 self._sync()
@@ -397,8 +397,11 @@ class Controller:
 
     # -- one step -------------------------------------------------------------------------
 
-    def _train(self, trajs: list[Trajectory], staleness: list[int]) -> bool:
-        """One learner step on these samples; False when none was fit to train on (skipped)."""
+    def _train(self, trajs: list[Trajectory], staleness: list[int], weights: list[float] | None = None) -> bool:
+        """One learner step on these samples, each scaled by its weight (the buffer's, in async
+        mode; sync-mode data never exceeds the cap, so it is 1); False when none was fit to
+        train on (skipped)."""
+        weight_of = {t.traj_id: w for t, w in zip(trajs, weights or [1.0] * len(trajs), strict=True)}
         with self._submitted_lock:
             for gid in dict.fromkeys(t.group_id for t in trajs):
                 self._submitted.pop(gid, None)
@@ -417,7 +420,8 @@ class Controller:
                       "; ".join(why))  # fmt: skip
             return False
         t0 = time.perf_counter()
-        batch = self.learner.make_batch(trajs, self.pad_id)
+        kept_weights = [weight_of[t.traj_id] for t in trajs]
+        batch = self.learner.make_batch(trajs, self.pad_id, kept_weights)
         if self.cfg.train.recompute_old_logprobs:
             batch = self.learner.with_old_logprobs(batch)
         metrics = self.learner.train_step(batch)
@@ -440,6 +444,8 @@ class Controller:
             "version/engine": float(self.version), "version/lag": float(self.step - self.version),
         })  # fmt: skip
         metrics["data/skipped_nonfinite"] = float(self._skipped_nonfinite)
+        metrics["buffer/weight_mean"] = float(np.mean(kept_weights))
+        metrics["buffer/weight_min"] = float(np.min(kept_weights))
         metrics["reward/error_frac"] = reward_errors / max(received, 1)
         metrics["faults/reward_errors"] = float(self.reward_errors.failed)
         metrics["faults/engine_restarts"] = float(self.engine_restarts)
