@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from vespo.objectives import OBJECTIVES, VespoConfig, compute_loss
+from learner.objectives import OBJECTIVES, VespoConfig, compute_loss
 
 
 def make_batch(batch: int, tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:

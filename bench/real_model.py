@@ -94,7 +94,7 @@ def parameter_counts(path: str) -> dict[str, int]:
 def rendered_prompts(path: str, count: int, seed: int) -> tuple[list[list[int]], list[str]]:
     from transformers import AutoTokenizer
 
-    from vespo.tasks import word_problems
+    from rollout.tasks import word_problems
 
     tok = AutoTokenizer.from_pretrained(path)
     rows = word_problems.rows(count, seed)
@@ -151,10 +151,10 @@ def learner_rows(prompts: list[list[int]], rows: int, response: int, vocab: int,
 
 
 def run_learner(path: str, trajectories, steps: int, micro_batch_tokens: int) -> dict:
+    from learner.advantages import group_advantages
     from learner.batching import collate
     from learner.config import LearnerConfig
     from learner.worker import LearnerWorker, batch_totals
-    from vespo.advantages import group_advantages
 
     cfg = LearnerConfig(model_path=path, world_size=1, zero_stage=0, micro_batch_tokens=micro_batch_tokens)
     started = time.perf_counter()
@@ -203,8 +203,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from rollout.tasks import word_problems
     from vespo.models import resolve_model
-    from vespo.tasks import word_problems
 
     path = resolve_model(MODEL)
     params = parameter_counts(path)

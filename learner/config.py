@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vespo.objectives import AGG_MODES, OBJECTIVES, make_config
+from learner.objectives import AGG_MODES, OBJECTIVES, make_config
 
 
 @dataclass

@@ -19,10 +19,10 @@ import torch
 
 from buffer.trajectory import Trajectory
 from learner import checkpoint
+from learner.advantages import group_advantages
 from learner.batching import TrainBatch, collate
 from learner.config import LearnerConfig
 from learner.worker import LearnerWorker, batch_totals, host_store, merge_metrics, shard, shard_rows
-from vespo.advantages import group_advantages
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from learner.checkpoint import (
 from learner.config import LearnerConfig
 from learner.deepspeed_config import deepspeed_config
 from learner.logprobs import token_logprobs
-from vespo.objectives import compute_loss, make_config
+from learner.objectives import compute_loss, make_config
 
 
 def backend() -> str:
@@ -220,7 +220,7 @@ class LearnerWorker:
 
     def _share(self, micro: TrainBatch, totals: dict[str, float]) -> float:
         """This micro-batch's weight in the whole batch's aggregate (see row weights in
-        vespo.objectives.aggregation): its share of tokens for token-mean, of sequences otherwise."""
+        learner.objectives.aggregation): its share of tokens for token-mean, of sequences otherwise."""
         if self.objective_config.agg == "token-mean":
             return float(micro.response_mask.sum()) / max(totals["tokens"], 1.0)
         return float((micro.response_mask.sum(-1) > 0).sum()) / max(totals["sequences"], 1.0)
@@ -248,7 +248,7 @@ class LearnerWorker:
         under ZeRO-3: call it on every rank. Each tensor is gathered alone and released once
         copied, so no rank holds more than one shard of copies plus one gathered parameter."""
         from learner.export import write_hf_streaming
-        from learner.weight_broadcast import TensorSpec
+        from weightsync.protocol import TensorSpec
 
         entries = self._export_entries()
         named = self._gathered(entries)
@@ -345,7 +345,7 @@ class LearnerWorker:
 
     def weight_plan(self) -> list:
         """The bucket layout of the full weights (names, dtypes, unpartitioned shapes)."""
-        from learner.weight_broadcast import TensorSpec, plan_buckets, plan_to_wire
+        from weightsync.protocol import TensorSpec, plan_buckets, plan_to_wire
 
         specs = [
             TensorSpec(n, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
@@ -357,7 +357,7 @@ class LearnerWorker:
         """Send the full weights to every receiver. Collective on all ranks under ZeRO-3 (each
         parameter is gathered in turn, so no rank ever holds the whole model at once); only
         rank 0 sends."""
-        from learner.weight_broadcast import plan_from_wire
+        from weightsync.protocol import plan_from_wire
 
         stats = None
         named = self._gathered_parameters()
@@ -381,7 +381,7 @@ class LearnerWorker:
 def host_store(host: str, secret: str):
     """Rank 0's rendezvous store for the learner's own process group (DeepSpeed's), bound to
     `host` and open only to ranks that prove `secret`."""
-    from learner.rendezvous import StoreServer
+    from weightsync.rendezvous import StoreServer
 
     server = StoreServer(host, bytes.fromhex(secret), name="learner group")
     server.secret_hex = secret
@@ -396,8 +396,8 @@ def join_default_group(store: tuple[str, int], secret: str, rank: int, world_siz
 
     import torch.distributed as dist
 
-    from learner.rendezvous import AuthStore, interface_of
-    from learner.weight_broadcast import node_ip
+    from weightsync.protocol import node_ip
+    from weightsync.rendezvous import AuthStore, interface_of
 
     if dist.is_initialized():
         return

@@ -20,7 +20,7 @@ from rollout.config import RolloutConfig
 from rollout.engine import Engine, start_engine
 from rollout.records import Completion, PromptItem, RolloutResult
 from rollout.rewards import RewardPool
-from vespo.tasks.registry import ScoredReward, TaskConfig, TaskSample
+from rollout.tasks.registry import ScoredReward, TaskConfig, TaskSample
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class RolloutActor:
         """Join the learner's weight group as ranks rank_offset .. rank_offset + receivers - 1,
         proving the group's secret (hex). This engine's own sockets bind to loopback when the
         group's store is on loopback (one machine), else to this node's Ray address."""
-        from learner.weight_broadcast import node_ip
+        from weightsync.protocol import node_ip
 
         self._require_engine()
         bind = host if host.startswith("127.") else node_ip()

@@ -15,10 +15,10 @@ import logging
 
 import torch
 
-from learner import weight_broadcast as wb
 from rollout.config import RolloutConfig
 from rollout.engine import default_device, resolve_dtype
 from rollout.records import Completion
+from weightsync import protocol as wb
 
 log = logging.getLogger(__name__)
 

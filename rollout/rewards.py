@@ -14,7 +14,7 @@ import asyncio
 import multiprocessing
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from vespo.tasks.registry import RewardFn, ScoredReward, TaskConfig, TaskSample, make_reward, score
+from rollout.tasks.registry import RewardFn, ScoredReward, TaskConfig, TaskSample, make_reward, score
 
 _reward: RewardFn | None = None
 _build_error: str | None = None

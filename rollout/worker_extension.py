@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from learner import weight_broadcast as wb
+from weightsync import protocol as wb
 
 
 class VespoWorkerExtension:

@@ -6,8 +6,9 @@ import ray
 import torch
 
 from learner.logprobs import token_logprobs
-from learner.weight_broadcast import WeightBroadcaster, plan_to_wire
+from learner.weight_broadcast import WeightBroadcaster
 from vespo.tiny_model import tiny_model
+from weightsync.protocol import plan_to_wire
 
 
 def model_dir() -> str:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vespo.advantages import group_advantages
+from learner.advantages import group_advantages
 
 
 def test_group_relative_and_std_normalised():

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from vespo.objectives import VespoConfig, compute_loss
-from vespo.objectives.autotune import T_MAX, ess, shape_scale
-from vespo.objectives.vespo import log_phi, phi
+from learner.objectives import VespoConfig, compute_loss
+from learner.objectives.autotune import T_MAX, ess, shape_scale
+from learner.objectives.vespo import log_phi, phi
 
 
 def test_ess_bounds():

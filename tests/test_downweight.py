@@ -12,9 +12,9 @@ from learner_fixtures import synthetic_trajectories
 
 from learner.config import LearnerConfig
 from learner.group import LearnerGroup
+from learner.objectives import compute_loss
 from vespo import run_config
 from vespo.controller import Controller
-from vespo.objectives import compute_loss
 
 
 def batch_with(weights):

@@ -24,8 +24,8 @@ from learner import checkpoint
 from learner.config import LearnerConfig
 from learner.export import INDEX_FILE, SINGLE_FILE, write_hf_streaming
 from learner.group import LearnerGroup
-from learner.weight_broadcast import spec_of
 from vespo.models import resolve_model
+from weightsync.protocol import spec_of
 
 MiB = 1 << 20
 SHARD = 16 * MiB

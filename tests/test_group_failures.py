@@ -10,10 +10,10 @@ import asyncio
 from rollout.actor import PromptError, RolloutActor
 from rollout.config import RolloutConfig
 from rollout.records import Completion, PromptItem
+from rollout.tasks.registry import TaskSample
 from vespo import run_config
 from vespo.controller import Controller
 from vespo.prompts import PromptStream
-from vespo.tasks.registry import TaskSample
 
 
 class FlakyEngine:

@@ -14,7 +14,7 @@ from learner.checkpoint import CheckpointError, latest
 from learner.config import LearnerConfig
 from learner.group import LearnerGroup
 from learner.logprobs import token_logprobs
-from vespo.objectives import compute_loss
+from learner.objectives import compute_loss
 
 LR = 1e-3
 # Adam's first step moves a weight by lr * g / (|g| + eps). With the default eps 1e-8 a weight

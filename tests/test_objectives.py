@@ -9,7 +9,7 @@ import objective_reference as ref
 import pytest
 import torch
 
-from vespo.objectives import (
+from learner.objectives import (
     AGG_MODES,
     OBJECTIVES,
     GrpoConfig,

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from vespo.objectives import AGG_MODES, OBJECTIVES, compute_loss, make_config
+from learner.objectives import AGG_MODES, OBJECTIVES, compute_loss, make_config
 
 
 @st.composite

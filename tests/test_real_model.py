@@ -18,9 +18,9 @@ from learner.config import LearnerConfig
 from learner.group import LearnerGroup
 from rollout.actor import rollout_actor
 from rollout.config import RolloutConfig
+from rollout.tasks.registry import TaskConfig, TaskSample
 from vespo.models import resolve_model
 from vespo.prompts import prompt_item
-from vespo.tasks.registry import TaskConfig, TaskSample
 
 # fp32 on both sides. vLLM's CPU kernels (fused qkv/gate-up, its own attention and RMSNorm)
 # sum in another order than transformers' eager path; over 30 layers that moves a token's

@@ -17,8 +17,8 @@ import torch
 from test_train_e2e import EXPECTED_KEYS
 from wandb_offline import read_run
 
+from rollout.tasks.word_problems import write_parquet
 from vespo.models import resolve_model
-from vespo.tasks.word_problems import write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3

@@ -31,7 +31,7 @@ OVERRIDES = [
 
 FOREIGN_JOINER = r"""
 import datetime, sys, torch, torch.distributed as dist
-from learner.rendezvous import AuthStore
+from weightsync.rendezvous import AuthStore
 host, port, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 timeout = datetime.timedelta(seconds=10)
 try:

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from rollout.rewards import RewardPool
-from vespo.tasks.registry import TaskConfig, TaskSample
+from rollout.tasks.registry import TaskConfig, TaskSample
 
 REWARDS = textwrap.dedent(
     """
@@ -88,7 +88,7 @@ def test_a_reward_that_cannot_be_built_marks_every_sample(tmp_path):
 def test_math_reward_works_outside_the_main_thread():
     """math-verify's own timeout is signal.alarm, which raises outside the main thread (where
     the rollout actor scores): the math reward must not depend on it."""
-    from vespo.tasks.math import math_reward
+    from rollout.tasks.math import math_reward
 
     out: list = []
     sample = TaskSample("s", "", "12")

@@ -19,7 +19,7 @@ from buffer.config import BufferConfig
 from rollout.actor import rollout_actor
 from rollout.config import RolloutConfig
 from rollout.records import PromptItem
-from vespo.tasks.registry import TaskConfig
+from rollout.tasks.registry import TaskConfig
 
 PROMPTS = ["3+4=", "7+1=", "2+2=", "9+8="]
 

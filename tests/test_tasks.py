@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vespo.tasks.math import math_reward
-from vespo.tasks.registry import TaskConfig, TaskSample, make_reward, make_task, render_prompt, score
+from rollout.tasks.math import math_reward
+from rollout.tasks.registry import TaskConfig, TaskSample, make_reward, make_task, render_prompt, score
 
 
 def test_arithmetic_task_is_reproducible_and_scored_exactly():

@@ -3,7 +3,8 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from vespo.tasks import word_problems as wp
+from rollout.tasks import word_problems as wp
+from vespo import word_problems as word_problems_cli
 
 
 def test_the_same_seed_gives_the_same_rows_and_another_seed_others():
@@ -64,7 +65,7 @@ def test_parquet_round_trip(tmp_path):
 
 def test_cli_writes_the_file(tmp_path, capsys):
     out = tmp_path / "cli.parquet"
-    wp.main([str(out), "--rows", "12", "--seed", "5", "--split", "eval"])
+    word_problems_cli.main([str(out), "--rows", "12", "--seed", "5", "--split", "eval"])
     assert pq.read_table(out).to_pylist() == wp.rows(12, seed=5, split="eval")
 
 

@@ -28,6 +28,7 @@ from learner import checkpoint
 from learner.group import LearnerGroup
 from rollout.actor import EngineNotStarted, rollout_actor
 from rollout.records import PromptItem
+from rollout.tasks.registry import TaskSample, make_task
 from vespo import typed_config
 from vespo.examples import examples
 from vespo.models import resolve_model
@@ -36,7 +37,6 @@ from vespo.prompts import PromptStream, PromptStreamState, prompt_item
 from vespo.reward_errors import RewardErrors
 from vespo.run_config import RunConfig
 from vespo.run_logger import RunLogger
-from vespo.tasks.registry import TaskSample, make_task
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from vespo.advantages import group_advantages
-from vespo.objectives import OBJECTIVES, compute_loss
+from learner.advantages import group_advantages
+from learner.objectives import OBJECTIVES, compute_loss
 
 
 @dataclass(frozen=True)

@@ -60,11 +60,11 @@ def evaluate(
     import ray
 
     from rollout.actor import rollout_actor
+    from rollout.tasks.registry import make_task
     from vespo.controller import _init_ray
     from vespo.examples import examples
     from vespo.models import resolve_model
     from vespo.prompts import prompt_item
-    from vespo.tasks.registry import make_task
 
     model_path = resolve_model(model or cfg.model)
     cfg.rollout.model_path = model_path

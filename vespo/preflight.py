@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rollout.tasks.registry import make_reward, make_task, render_prompt
 from vespo.models import resolve_model
 from vespo.run_config import RunConfig
-from vespo.tasks.registry import make_reward, make_task, render_prompt
 
 PROMPTS_CHECKED = 2000  # prompts measured against the length limit (all of them, up to this many)
 

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from rollout.records import PromptItem
-from vespo.tasks.registry import TaskSample, render_prompt
+from rollout.tasks.registry import TaskSample, render_prompt
 
 
 def prompt_item(group_id: str, sample: TaskSample, tokenizer, system_prompt: str | None = None) -> PromptItem:

@@ -16,9 +16,9 @@ from typing import Literal
 from buffer.config import BufferConfig
 from learner.config import LearnerConfig
 from rollout.config import RolloutConfig
+from rollout.tasks.registry import TaskConfig
 from vespo import typed_config
 from vespo.run_logger import WandbConfig
-from vespo.tasks.registry import TaskConfig
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vespo.tasks import arithmetic
+from rollout.tasks import arithmetic
 
 FORMAT = 1  # bump when the build changes, so stale caches are not reused
 PAD, EOS = "<pad>", "<eos>"

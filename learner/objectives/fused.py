@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from vespo.objectives.inputs import LOG_RATIO_CLAMP, PolicyBatch, check_shapes
+from learner.objectives.inputs import LOG_RATIO_CLAMP, PolicyBatch, check_shapes
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vespo.objectives.aggregation import check_agg_mode, row_weights
-from vespo.objectives.autotune import ess, shape_scale
-from vespo.objectives.fused import RowScaledLogLik
-from vespo.objectives.inputs import LOG_RATIO_CLAMP, PolicyBatch
-from vespo.objectives.metrics import policy_metrics, row_stats, split_means, to_numpy
-from vespo.objectives.weighted_loglik import weighted_loglik
+from learner.objectives.aggregation import check_agg_mode, row_weights
+from learner.objectives.autotune import ess, shape_scale
+from learner.objectives.fused import RowScaledLogLik
+from learner.objectives.inputs import LOG_RATIO_CLAMP, PolicyBatch
+from learner.objectives.metrics import policy_metrics, row_stats, split_means, to_numpy
+from learner.objectives.weighted_loglik import weighted_loglik
 
 LAMBDA_FLOOR = 1e-4
 
@@ -37,14 +37,14 @@ class VespoConfig:
     k_neg: float = 3.0  # shape for A < 0
     lambda_neg: float = 2.0
     agg: str = "token-mean"
-    # Fuse the per-token passes with torch.compile (vespo.objectives.fused): about half the
+    # Fuse the per-token passes with torch.compile (learner.objectives.fused): about half the
     # memory traffic of the eager path. The first call in a process compiles (seconds).
     fused: bool = True
     # Negative-advantage sequences with W above this are the ones that can push a good
     # policy down hard; their count and max W are logged as an early warning.
     neg_w_noise_threshold: float = 2.0
     # If set, (k, lambda) of both shapes are scaled by one factor per batch, the largest that
-    # keeps the normalised ESS of phi at or above this target (vespo.objectives.autotune).
+    # keeps the normalised ESS of phi at or above this target (learner.objectives.autotune).
     target_ess: float | None = None
     # Ablation only: phi of the per-token geometric mean exp(s / length) instead of the true
     # sequence weight exp(s), as GSPO does. The paper reports that this variant fails under

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vespo.objectives.aggregation import check_agg_mode, row_weights_like
-from vespo.objectives.grpo import token_ratio
-from vespo.objectives.inputs import PolicyBatch
-from vespo.objectives.metrics import batch_policy_metrics, token_fraction, token_stats
-from vespo.objectives.weighted_loglik import weighted_loglik
+from learner.objectives.aggregation import check_agg_mode, row_weights_like
+from learner.objectives.grpo import token_ratio
+from learner.objectives.inputs import PolicyBatch
+from learner.objectives.metrics import batch_policy_metrics, token_fraction, token_stats
+from learner.objectives.weighted_loglik import weighted_loglik
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from vespo.objectives.aggregation import AGG_MODES, aggregate
-from vespo.objectives.cispo import CispoConfig, cispo_objective
-from vespo.objectives.fused import prepare_fused
-from vespo.objectives.grpo import GrpoConfig, grpo_objective
-from vespo.objectives.gspo import GspoConfig, gspo_objective
-from vespo.objectives.inputs import PolicyBatch, prepare
-from vespo.objectives.sapo import SapoConfig, sapo_objective
-from vespo.objectives.vespo import VespoConfig, phi, vespo_objective
+from learner.objectives.aggregation import AGG_MODES, aggregate
+from learner.objectives.cispo import CispoConfig, cispo_objective
+from learner.objectives.fused import prepare_fused
+from learner.objectives.grpo import GrpoConfig, grpo_objective
+from learner.objectives.gspo import GspoConfig, gspo_objective
+from learner.objectives.inputs import PolicyBatch, prepare
+from learner.objectives.sapo import SapoConfig, sapo_objective
+from learner.objectives.vespo import VespoConfig, phi, vespo_objective
 
 ObjectiveConfig = VespoConfig | GrpoConfig | GspoConfig | SapoConfig | CispoConfig
 

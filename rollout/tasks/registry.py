@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from vespo.tasks import arithmetic
+from rollout.tasks import arithmetic
 
 
 @dataclass(frozen=True)
@@ -174,13 +174,13 @@ def user_reward(spec: str) -> RewardFn:
 
 
 def _math_reward() -> RewardFn:
-    from vespo.tasks.math import math_reward
+    from rollout.tasks.math import math_reward
 
     return math_reward
 
 
 def _math_task(cfg: TaskConfig) -> Task:
-    from vespo.tasks.math import MathTask
+    from rollout.tasks.math import MathTask
 
     return MathTask(cfg)
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vespo.objectives.aggregation import aggregate, check_agg_mode
-from vespo.objectives.clipping import clipped_surrogate
-from vespo.objectives.inputs import LOG_RATIO_CLAMP, PolicyBatch
-from vespo.objectives.metrics import batch_policy_metrics, token_fraction, token_stats
+from learner.objectives.aggregation import aggregate, check_agg_mode
+from learner.objectives.clipping import clipped_surrogate
+from learner.objectives.inputs import LOG_RATIO_CLAMP, PolicyBatch
+from learner.objectives.metrics import batch_policy_metrics, token_fraction, token_stats
 
 
 @dataclass(frozen=True)

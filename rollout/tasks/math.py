@@ -1,7 +1,7 @@
 """Math word problems from JSONL or Parquet rows, scored by math-verify.
 
 The rows may be veRL's Parquet (DAPO-Math-17k), OpenAI-style chat JSONL or plain prompt/answer
-rows: `vespo.tasks.datasets` reads them all and checks every row when the file is read.
+rows: `rollout.tasks.datasets` reads them all and checks every row when the file is read.
 
 math-verify parses the reference answer and the response (LaTeX, boxed answers, plain numbers)
 and compares them symbolically, so "\\frac{1}{2}" and "0.5" agree. On its own it already takes
@@ -16,8 +16,8 @@ import logging
 import re
 from pathlib import Path
 
-from vespo.tasks.datasets import load_samples
-from vespo.tasks.registry import TaskConfig, TaskSample
+from rollout.tasks.datasets import load_samples
+from rollout.tasks.registry import TaskConfig, TaskSample
 
 # GSM8K's final line, "#### 1,234": only a number counts, so a markdown heading such as
 # "#### Step 1: add" or "#### 1. Set up" is not taken for an answer

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vespo.objectives.aggregation import aggregate, check_agg_mode
-from vespo.objectives.grpo import token_ratio
-from vespo.objectives.inputs import PolicyBatch
-from vespo.objectives.metrics import batch_policy_metrics, token_stats
+from learner.objectives.aggregation import aggregate, check_agg_mode
+from learner.objectives.grpo import token_ratio
+from learner.objectives.inputs import PolicyBatch
+from learner.objectives.metrics import batch_policy_metrics, token_stats
 
 
 @dataclass(frozen=True)

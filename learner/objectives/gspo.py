@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vespo.objectives.aggregation import aggregate, check_agg_mode
-from vespo.objectives.clipping import clipped_surrogate
-from vespo.objectives.inputs import PolicyBatch
-from vespo.objectives.metrics import batch_policy_metrics, row_stats, to_numpy, token_fraction
+from learner.objectives.aggregation import aggregate, check_agg_mode
+from learner.objectives.clipping import clipped_surrogate
+from learner.objectives.inputs import PolicyBatch
+from learner.objectives.metrics import batch_policy_metrics, row_stats, to_numpy, token_fraction
 
 MAX_LOG_SEQ_RATIO = 10.0
 
