@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -126,12 +125,6 @@ async def run_engine(path: str, prompts: list[list[int]], warm: list[int], args)
     return {"startup_s": startup, "seconds": seconds, "groups": groups, "max_num_seqs": cfg.max_num_seqs}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def learner_rows(prompts: list[list[int]], rows: int, response: int, vocab: int, group: int, seed: int = 0):
     from buffer.trajectory import Trajectory
 
@@ -154,11 +147,12 @@ def run_learner(path: str, trajectories, steps: int, micro_batch_tokens: int) ->
     from learner.advantages import group_advantages
     from learner.batching import collate
     from learner.config import LearnerConfig
-    from learner.worker import LearnerWorker, batch_totals
+    from learner.sharding import batch_totals
+    from learner.worker import LearnerWorker
 
     cfg = LearnerConfig(model_path=path, world_size=1, zero_stage=0, micro_batch_tokens=micro_batch_tokens)
     started = time.perf_counter()
-    worker = LearnerWorker(cfg, rank=0, master_port=free_port())
+    worker = LearnerWorker(cfg, rank=0)  # world size 1: it hosts its own loopback store
     startup = time.perf_counter() - started
     rewards = np.array([t.reward for t in trajectories], dtype=np.float32)
     adv = group_advantages(rewards, [t.group_id for t in trajectories], cfg.normalize_adv_std)

@@ -76,6 +76,21 @@ class StepTrace:
         return length, round((c1 - c0) / max(s1 - s0, 1), 4), round((s1 - s0) / max(t1 - t0, 1e-9), 2)
 
 
+def record_handouts(controller) -> set[str]:
+    """Every group id the fleet hands to an engine from now on, failed ones included: with the
+    trained and pending ids it shows that no prompt was lost."""
+    handed_out: set[str] = set()
+    for engine in controller.engines:
+        submit = engine.submit
+
+        def recording(items, submit=submit):
+            handed_out.update(i.group_id for i in items)
+            return submit(items)
+
+        engine.submit = recording
+    return handed_out
+
+
 def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None) -> SoakReport:
     import ray
 
@@ -93,6 +108,7 @@ def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None
     recovery_steps: list[int] = []  # learner steps made while the engine was down
     try:
         controller.setup()
+        handed = record_handouts(controller)
         started = time.monotonic()
 
         def chaos():
@@ -101,7 +117,7 @@ def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None
                 if time.monotonic() >= next_kill:
                     marks.append((time.monotonic(), controller.step))
                     restarts = controller.engine_restarts
-                    ray.kill(controller.engines[0], no_restart=False)
+                    ray.kill(controller.engines[0].actor, no_restart=False)
                     t0 = time.monotonic()
                     while controller.engine_restarts == restarts and controller.stop_reason is None:
                         time.sleep(0.2)
@@ -116,8 +132,7 @@ def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None
         threading.Thread(target=chaos, name="soak-chaos", daemon=True).start()
         summary = controller.run(checkpoint=False)
         ended = time.monotonic()
-        handed = set(controller._engine_of)
-        pending = set(controller._submitted) | {gid for gid, _ in controller.prompts.requeued}
+        pending = set(controller.fleet.held) | {gid for gid, _ in controller.prompts.requeued}
     finally:
         controller.shutdown()
         ray.shutdown()

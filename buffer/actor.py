@@ -33,8 +33,10 @@ class _BufferActor(ReplayBuffer):
     def put_packed(self, payload: dict, timeout: float | None = 0.0) -> None:
         self.put_many(columnar.unpack(payload), timeout)
 
-    def get_batch_packed(self, n_groups: int, current_version: int, timeout: float | None = 0.0) -> dict | None:
-        batch = self.get_batch(n_groups, current_version, timeout)
+    def get_batch_packed(
+        self, n_groups: int, current_version: int, timeout: float | None = 0.0, at_least: int | None = None
+    ) -> dict | None:
+        batch = self.get_batch(n_groups, current_version, timeout, at_least)
         if batch is None:
             return None
         return {"trajectories": columnar.pack(batch.trajectories), "weights": batch.weights,

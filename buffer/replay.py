@@ -11,7 +11,6 @@ many producer threads or a threaded Ray actor (buffer.actor).
 from __future__ import annotations
 
 import heapq
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -121,7 +120,8 @@ class ReplayBuffer:
         with self._lock:
             c = self._counters
             live = c.started_groups - c.dropped_groups - c.abandoned_groups
-            if not may_start(live + n_groups - 1, current_version, self.cfg.max_staleness, self.cfg.groups_per_step):
+            per_step = self.cfg.admission_groups_per_step
+            if not may_start(live + n_groups - 1, current_version, self.cfg.max_staleness, per_step):
                 return False
             self._counters.started_groups += n_groups
             return True
@@ -135,16 +135,20 @@ class ReplayBuffer:
 
     # --- the learner --------------------------------------------------------------------------
 
-    def get_batch(self, n_groups: int, current_version: int, timeout: float | None = 0.0) -> Batch | None:
+    def get_batch(
+        self, n_groups: int, current_version: int, timeout: float | None = 0.0, at_least: int | None = None
+    ) -> Batch | None:
         """n_groups whole groups, oldest first, none staler than the cap (drop policy). Waits up to
-        `timeout` seconds (None: forever) for enough fresh complete groups; None if they never come."""
+        `timeout` seconds (None: forever) for enough fresh complete groups; None if they never come.
+        `at_least`: take what is there once that many are (a sync round's short last batch)."""
+        need = n_groups if at_least is None else min(at_least, n_groups)
         with self._changed:
             start = time.perf_counter()
-            ok = self._changed.wait_for(lambda: self._fresh_ready(current_version) >= n_groups, timeout)
+            ok = self._changed.wait_for(lambda: self._fresh_ready(current_version) >= need, timeout)
             self._counters.get_wait_s += time.perf_counter() - start
             if not ok:
                 return None
-            return self._take(n_groups, current_version)
+            return self._take(min(n_groups, len(self._state.ready)), current_version)
 
     def _fresh_ready(self, version: int) -> int:
         """Drops over-stale groups, complete or not (drop policy), and counts the usable ones.
@@ -244,16 +248,14 @@ class ReplayBuffer:
                 out["buffer/staleness_max"] = float(st.max())
             return out
 
-    def staleness_histogram(self) -> dict[int, int]:
-        """Trajectories of the last batch per staleness value."""
-        with self._lock:
-            values, counts = np.unique(np.asarray(self._last_staleness, dtype=int), return_counts=True)
-            return {int(v): int(n) for v, n in zip(values, counts, strict=True)}
+    def shutdown(self) -> None:
+        """Nothing to release in-process (the actor's wrapper ends the actor)."""
 
     # --- snapshot -----------------------------------------------------------------------------
 
     def snapshot(self, directory: str | Path) -> Path:
-        """Write the whole state to directory/buffer.msgpack atomically (msgpack, no pickle)."""
+        """Write the whole state to directory/buffer.msgpack (msgpack, no pickle). It is always written
+        into a checkpoint's staging directory, which makes it durable and atomic with the rest."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with self._lock:
@@ -268,12 +270,7 @@ class ReplayBuffer:
             }
         self.last_snapshot_seen: list[str] = payload["seen"]
         path = directory / SNAPSHOT_FILE
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(msgpack.packb(payload, use_bin_type=True))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        path.write_bytes(msgpack.packb(payload, use_bin_type=True))  # sealed (fsync, checksum) with its checkpoint
         return path
 
     def seen_groups(self, group_ids: list[str]) -> list[str]:

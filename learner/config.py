@@ -2,50 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import field
+from typing import Annotated, Any, Literal
 
-from learner.objectives import AGG_MODES, OBJECTIVES, make_config
+from pydantic import AfterValidator, Field
+
+from configtypes import AtLeast0, AtLeast1, NonNegative, Positive, section
+from learner import advantages
+from learner.objectives import check_objective, make_config
+
+Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's moment decay rates
 
 
-@dataclass
+def _known_advantage(name: str) -> str:
+    if name not in advantages.ADVANTAGES:
+        raise ValueError(f"unknown advantage estimator {name!r}; choose one of {', '.join(advantages.ADVANTAGES)}")
+    return name
+
+
+@section("learner")
 class LearnerConfig:
     model_path: str = ""  # a local Hugging Face causal-LM directory (the run config fills it from `model`)
-    world_size: int = 1  # DeepSpeed data-parallel processes (one Ray actor each)
-    zero_stage: int = 0  # 0-3
-    objective: str = "vespo"
+    world_size: AtLeast1 = 1  # DeepSpeed data-parallel processes (one Ray actor each)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    objective: Annotated[str, AfterValidator(check_objective)] = "vespo"
     objective_config: dict[str, Any] = field(default_factory=dict)  # options of that objective
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0  # linear warm-up from 0 to lr, then constant
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    micro_batch_tokens: int = 8192  # token budget (rows x padded length) of one forward/backward
+    lr: Positive = 1e-6
+    weight_decay: NonNegative = 0.0
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: Positive = 1e-8
+    warmup_steps: AtLeast0 = 0  # linear warm-up from 0 to lr, then constant
+    grad_clip: NonNegative = 1.0  # max global grad norm; 0 disables
+    micro_batch_tokens: AtLeast1 = 8192  # token budget (rows x padded length) of one forward/backward
     bf16: bool = False  # on GPU: bf16 weights and activations with fp32 master weights
-    seed: int = 0
-    temperature: float = 1.0  # the rollout sampling temperature: log-probs are of the tempered policy
+    seed: AtLeast0 = 0
+    # the temperature of the policy the learner scores, which must be the engines' (log-probs are of
+    # the tempered policy); unset, the run config derives it from rollout.temperature
+    temperature: Positive | None = None
+    advantage: Annotated[str, AfterValidator(_known_advantage)] = "grpo"  # the estimator (learner/advantages.py)
     normalize_adv_std: bool = True  # GRPO advantages divided by the group std
-    num_cpus_per_worker: float = 1.0
-    num_gpus_per_worker: float = 0.0
+    num_cpus_per_worker: NonNegative = 1.0
+    num_gpus_per_worker: NonNegative = 0.0
+    _derived: tuple[str, ...] = field(default=(), repr=False, compare=False)  # keys the run config filled in
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        make_config(self.objective, self.objective_config)  # raises on unknown or invalid options
-        if self.temperature <= 0:
-            raise ValueError(
-                f"temperature must be > 0 (greedy rollouts have no log-probs to train on), got {self.temperature}"
-            )
-        if self.lr <= 0 or self.micro_batch_tokens <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("lr and micro_batch_tokens must be > 0, warmup_steps and grad_clip >= 0")
+        make_config(self.objective, self.objective_config)  # its options are checked like the rest
 
     @property
-    def agg(self) -> str:
-        agg = make_config(self.objective, self.objective_config).agg
-        assert agg in AGG_MODES
-        return agg
+    def policy_temperature(self) -> float:
+        """temperature, or 1.0 (plain sampling) for a learner made without a run config."""
+        return 1.0 if self.temperature is None else self.temperature

@@ -40,8 +40,8 @@ def shard_names(count: int) -> list[str]:
 
 
 def copy_model_files(source_model_dir: str | Path, out_dir: Path) -> None:
-    """The source's config, tokenizer and generation config: every file but its weights
-    (the same rule as learner.checkpoint.export_hf)."""
+    """The source's config, tokenizer and generation config: every file but its weights, so
+    the export loads with from_pretrained and tokenizes as the source did."""
     for item in Path(source_model_dir).iterdir():
         if item.is_file() and not item.name.endswith((".safetensors", ".bin", ".index.json")):
             shutil.copy2(item, out_dir / item.name)

@@ -1,7 +1,7 @@
 """The learner as a group of Ray actors forming one DeepSpeed data-parallel job.
 
-The driver sees one object: hand it trajectories, get back merged metrics. It computes GRPO
-advantages over whole groups before sharding (advantages are group-relative), tells every
+The driver sees one object: hand it a batch, get back merged metrics. It computes advantages
+(learner.advantages, `learner.advantage`) over whole groups before sharding (advantages are group-relative), tells every
 rank the global token and sequence counts (so the loss aggregates exactly across ranks and
 micro-batches), and shards rows by length so ranks finish together.
 """
@@ -17,12 +17,15 @@ import numpy as np
 import ray
 import torch
 
+from buffer.replay import Batch
 from buffer.trajectory import Trajectory
 from learner import checkpoint
-from learner.advantages import group_advantages
+from learner.advantages import advantages
 from learner.batching import TrainBatch, collate
 from learner.config import LearnerConfig
-from learner.worker import LearnerWorker, batch_totals, host_store, merge_metrics, shard, shard_rows
+from learner.process_group import host_store
+from learner.sharding import batch_totals, merge_metrics, shard, shard_rows
+from learner.worker import LearnerWorker
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +115,21 @@ class LearnerGroup:
         homogeneous in the advantage, so a weight w scales exactly that sequence's contribution
         to the gradient by w (tests/test_downweight.py)."""
         rewards = np.array([t.reward for t in trajectories], dtype=np.float32)
-        adv = group_advantages(rewards, [t.group_id for t in trajectories], self.cfg.normalize_adv_std)
+        groups = [t.group_id for t in trajectories]
+        adv = advantages(self.cfg.advantage, rewards, groups, self.cfg.normalize_adv_std)
         if weights is not None:
             if len(weights) != len(trajectories) or any(not w >= 0 for w in weights):
                 raise ValueError(f"need one weight >= 0 per trajectory, got {len(weights)} for {len(trajectories)}")
             adv = adv * torch.as_tensor(weights, dtype=torch.float32)
         return collate(trajectories, adv.numpy(), pad_id)
+
+    def train(self, batch: Batch, pad_id: int, recompute_old_logprobs: bool = False) -> dict[str, float]:
+        """One optimizer step on a buffer batch: advantages (scaled by the batch's weights), pi_old
+        recomputed by the learner when asked (train/inference mismatch correction), the loss."""
+        trained = self.make_batch(batch.trajectories, pad_id, batch.weights)
+        if recompute_old_logprobs:
+            trained = self.with_old_logprobs(trained)
+        return self.train_step(trained)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self._on_shards("train_step", batch)

@@ -11,27 +11,18 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from learner.batching import TrainBatch, micro_batches, trim
-from learner.checkpoint import (
-    DEEPSPEED_TAG,
-    CheckpointError,
-    WeightsOnlyCheckpointEngine,
-    load_rng,
-    save_rng,
-)
+from learner.checkpoint_deepspeed import WeightsOnlyCheckpointEngine, load_rng, save_rng
+from learner.checkpoint_reader import DEEPSPEED_TAG, CheckpointError
 from learner.config import LearnerConfig
 from learner.deepspeed_config import deepspeed_config
 from learner.logprobs import token_logprobs
 from learner.objectives import compute_loss, make_config
-
-
-def backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+from learner.process_group import host_store, join_default_group
+from weightsync.protocol import backend_for
 
 
 class LearnerWorker:
@@ -41,8 +32,11 @@ class LearnerWorker:
         """`store`: the address of the group's authenticated rendezvous (rank 0 hosts it, see
         learner.group) and `secret` (hex) the proof every rank gives it. Without them (a single
         in-process rank) this rank hosts its own on loopback."""
-        if not torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if not cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        local_rank = rank % max(torch.cuda.device_count(), 1) if cuda else 0
+        backend = backend_for(torch.device("cuda", local_rank) if cuda else "cpu")  # the device DeepSpeed trains on
         if store is None:
             if cfg.world_size != 1:
                 raise ValueError("a learner of several ranks needs the rendezvous store's address and secret")
@@ -50,7 +44,7 @@ class LearnerWorker:
             store, secret = self._store_server.address, self._store_server.secret_hex
         os.environ.update(
             RANK=str(rank),
-            LOCAL_RANK="0" if not torch.cuda.is_available() else str(rank % max(torch.cuda.device_count(), 1)),
+            LOCAL_RANK=str(local_rank),
             WORLD_SIZE=str(cfg.world_size),
             MASTER_ADDR=store[0],
             MASTER_PORT=str(store[1]),
@@ -58,8 +52,8 @@ class LearnerWorker:
         import deepspeed
 
         self.cfg, self.rank = cfg, rank
-        join_default_group(store, secret, rank, cfg.world_size)
-        deepspeed.init_distributed(dist_backend=backend(), rank=rank, world_size=cfg.world_size, verbose=False)
+        join_default_group(store, secret, rank, cfg.world_size, backend)
+        deepspeed.init_distributed(dist_backend=backend, rank=rank, world_size=cfg.world_size, verbose=False)
         self._build(cfg)
 
     def rebuild(self, cfg: LearnerConfig) -> None:
@@ -154,9 +148,8 @@ class LearnerWorker:
         for rows in micro_batches(lengths, self.cfg.micro_batch_tokens):
             micro = trim(batch.rows(rows))
             t0 = time.perf_counter()
-            logprobs = token_logprobs(
-                self.engine, micro.input_ids.to(self.device), micro.attention_mask.to(self.device), self.cfg.temperature
-            )
+            ids, attn = micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
+            logprobs = token_logprobs(self.engine, ids, attn, self.cfg.policy_temperature)
             t1 = time.perf_counter()
             mask = micro.response_mask.to(self.device)
             behavior, is_weights = micro.behavior_logprobs.to(self.device), None
@@ -214,7 +207,7 @@ class LearnerWorker:
         for rows in micro_batches(batch.attention_mask.sum(-1).tolist(), self.cfg.micro_batch_tokens):
             micro = trim(batch.rows(rows))
             ids, attn = micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
-            lp = token_logprobs(self.engine, ids, attn, self.cfg.temperature)
+            lp = token_logprobs(self.engine, ids, attn, self.cfg.policy_temperature)
             out[torch.tensor(rows).unsqueeze(-1), torch.arange(lp.shape[1])] = lp.float().cpu()
         return out
 
@@ -376,81 +369,3 @@ class LearnerWorker:
         for name, param in self.engine.module.named_parameters():
             with deepspeed.zero.GatheredParameters([param], enabled=self.cfg.zero_stage == 3):
                 yield name, param.detach()
-
-
-def host_store(host: str, secret: str):
-    """Rank 0's rendezvous store for the learner's own process group (DeepSpeed's), bound to
-    `host` and open only to ranks that prove `secret`."""
-    from weightsync.rendezvous import StoreServer
-
-    server = StoreServer(host, bytes.fromhex(secret), name="learner group")
-    server.secret_hex = secret
-    return server
-
-
-def join_default_group(store: tuple[str, int], secret: str, rank: int, world_size: int) -> None:
-    """The default process group, made over the authenticated store (DeepSpeed then finds it
-    initialised and uses it): torch's env:// rendezvous would open a TCPStore on every
-    interface that anyone could join. gloo's own sockets bind to the store's interface."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    from weightsync.protocol import node_ip
-    from weightsync.rendezvous import AuthStore, interface_of
-
-    if dist.is_initialized():
-        return
-    interface = interface_of(store[0] if store[0].startswith("127.") else node_ip())
-    if interface and backend() == "gloo":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
-    elif interface:
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
-    timeout = timedelta(minutes=30)
-    client = AuthStore(store[0], store[1], bytes.fromhex(secret), timeout, name="learner group")
-    _DEFAULT_STORE.append(client)  # torch keeps only the C++ half: the Python store must outlive the group
-    dist.init_process_group(backend(), store=client, rank=rank, world_size=world_size, timeout=timeout)
-
-
-_DEFAULT_STORE: list = []
-
-
-def batch_totals(batch: TrainBatch) -> dict[str, float]:
-    mask = batch.response_mask
-    return {"tokens": float(mask.sum()), "sequences": float((mask.sum(-1) > 0).sum())}
-
-
-def shard_rows(batch: TrainBatch, world_size: int) -> list[torch.Tensor]:
-    """Row indices per rank: round-robin over length-sorted rows, so ranks get similar token counts."""
-    order = np.argsort(batch.attention_mask.sum(-1).numpy(), kind="stable")[::-1]
-    return [torch.from_numpy(order[r::world_size].copy()) for r in range(world_size)]
-
-
-def shard(batch: TrainBatch, world_size: int) -> list[TrainBatch]:
-    return [batch.rows(rows) for rows in shard_rows(batch, world_size)]
-
-
-_MERGE = {
-    "actor/loss": sum,
-    "staleness/oldest_version": min,
-    "staleness/newest_version": max,
-    "staleness/token_max": max,
-    "staleness/token_min": min,
-}
-
-
-def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
-    """Ranks' metrics: the loss adds up (each rank holds its share), version bounds and
-    *_max / *_min statistics take the extreme, everything else is averaged."""
-    keys = set().union(*per_rank)
-    return {k: float(_merge_rule(k)([m[k] for m in per_rank if k in m])) for k in sorted(keys)}
-
-
-def _merge_rule(key: str):
-    if key in _MERGE:
-        return _MERGE[key]
-    if key.endswith("_max"):
-        return max
-    if key.endswith("_min"):
-        return min
-    return np.mean

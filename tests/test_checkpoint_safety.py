@@ -1,10 +1,10 @@
 """Checkpoint safety without Ray or DeepSpeed: a writer killed at any point leaves `latest` on a
 complete checkpoint, pruning keeps what it must, the pointer cannot lead out of the root, and
-any damaged or unlisted file is refused by name. The checkpoints are fakes with small files in
-the layout learner.checkpoint.validate requires, written through prepare_staging + finalize."""
+any damaged or unlisted file is refused by name. The checkpoints are fakes (checkpoint_fixtures)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,55 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from checkpoint_fixtures import FILES, ROOT, WORLD_SIZE, entries, tag_of, write, write_files
 
 from learner import checkpoint
 from learner.checkpoint import CheckpointError, CheckpointMeta, latest, list_checkpoints, validate
-
-ROOT = Path(__file__).resolve().parents[1]
-WORLD_SIZE = 2
-FILES = {  # relpath -> size: what the learner, the buffer and the controller put in a checkpoint
-    "deepspeed/state/mp_rank_00_model_states.pt": 3000,
-    "deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt": 5000,
-    "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt": 5000,
-    "rng/rank_0.safetensors": 300,
-    "rng/rank_1.safetensors": 300,
-    "model/config.json": 0,  # JSON, written below
-    "model/model.safetensors": 4000,
-    "buffer/buffer.msgpack": 1000,
-    "controller/state.json": 0,  # JSON, written below
-}
-
-
-def write_files(staged: Path, step: int, tag: str, stop_after: int | None = None) -> None:
-    """The data files of a fake checkpoint; `tag` tells one write of a step from another."""
-    for i, (rel, size) in enumerate(FILES.items()):
-        path = staged / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if rel.endswith(".json"):
-            data = json.dumps({"step": step, "tag": tag, "file": rel}).encode()
-        else:
-            data = (f"{rel}:{step}:{tag}:".encode() * (size // 8 + 1))[:size]
-        if stop_after is not None and i == stop_after:
-            with open(path, "wb") as f:  # half of one file written, then the writer hangs
-                f.write(data[: len(data) // 2])
-                f.flush()
-                return
-        path.write_bytes(data)
-
-
-def write(root: Path, step: int, tag: str, keep: int = 0) -> Path:
-    staged = checkpoint.prepare_staging(root, step)
-    write_files(staged, step, tag)
-    return checkpoint.finalize(root, CheckpointMeta(step, step, WORLD_SIZE, 2), keep=keep)
-
-
-def tag_of(path: Path) -> str:
-    return json.loads((path / "controller" / "state.json").read_text())["tag"]
-
-
-def entries(root: Path) -> set[str]:
-    return set(os.listdir(root))
-
 
 # -- a writer killed at every point ----------------------------------------------------------
 
@@ -130,7 +85,7 @@ def test_a_writer_killed_at_any_point_leaves_latest_on_a_complete_checkpoint(tmp
             timeout=60,
         )  # fmt: skip
         assert done.returncode in (0, 9), done.stderr
-        checkpoint._verified.clear()  # verify from scratch, as a resumed process would
+        checkpoint.forget_verified()  # verify from scratch, as a resumed process would
         found = latest(root)  # resolves, and every file checks out
         assert found.name in ("step_00000001", new_name)
         if found.name == "step_00000001":
@@ -374,8 +329,8 @@ def test_the_manifest_lists_every_file_and_read_meta_reads_it(tmp_path):
 def test_a_full_verification_is_remembered_but_sizes_are_checked_every_time(tmp_path, monkeypatch):
     found = write(tmp_path, 1, "x")
     hashed = []
-    real = checkpoint.hashlib.file_digest
-    monkeypatch.setattr(checkpoint.hashlib, "file_digest", lambda f, d: hashed.append(f.name) or real(f, d))
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, d: hashed.append(f.name) or real(f, d))
     assert latest(tmp_path) == latest(tmp_path) == found
     assert len(hashed) == len(FILES)  # once, not twice
     os.utime(found / "meta.json", ns=(1, 1))  # meta.json changed: verify again

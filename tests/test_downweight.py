@@ -10,11 +10,11 @@ import pytest
 import torch
 from learner_fixtures import synthetic_trajectories
 
+from buffer.replay import Batch
 from learner.config import LearnerConfig
 from learner.group import LearnerGroup
 from learner.objectives import compute_loss
-from vespo import run_config
-from vespo.controller import Controller
+from vespo.step_metrics import Screen, step_metrics
 
 
 def batch_with(weights):
@@ -48,27 +48,22 @@ def test_weights_must_be_one_per_trajectory_and_not_negative():
         batch_with([1.0] * 7 + [-1.0])
 
 
-class RecordingLearner:
-    def make_batch(self, trajs, pad_id, weights):
-        self.trajs, self.weights = trajs, weights
-        return "batch"
-
-    def train_step(self, batch):
-        return {}
-
-
-def test_the_controller_hands_the_buffers_weights_to_the_learner_aligned_after_filtering():
-    controller = Controller(run_config.load(None, ["wandb.mode=disabled", "buffer.stale_policy=downweight"]))
-    controller.learner, controller.pad_id = RecordingLearner(), 0
-    controller.rewards, controller.max_staleness_seen = [], 0
+def test_the_weights_stay_aligned_with_the_samples_the_screen_keeps():
+    """A sample with a failed reward never trains; the batch that does keeps each sample's own
+    weight, so the stale group is still scaled and the fresh one is not. The run-level path
+    (buffer -> Controller.run -> learner) is tests/test_orchestration.py, both modes."""
     trajs = synthetic_trajectories(n_groups=2, group_size=4)
-    trajs[1].extra["reward_error"] = "ValueError: broken"  # marked samples never train: weights must stay aligned
+    trajs[1].extra["reward_error"] = "ValueError: broken"
     weights = [1.0] * 4 + [0.5] * 4
-    assert controller._train(trajs, [0] * 4 + [5] * 4, weights)
-    kept = [t.traj_id for t in controller.learner.trajs]
-    assert "g0-1" not in kept and controller.learner.weights == [1.0] * 3 + [0.5] * 4
-    metrics, _ = controller._pending
-    assert metrics["buffer/weight_min"] == 0.5
-    # sync mode trains straight from the engines: data within the cap, weight 1
-    assert controller._train(synthetic_trajectories(n_groups=1), [0] * 4)
-    assert controller.learner.weights == [1.0] * 4
+    screen = Screen(samples_per_step=8)
+    screened = screen(Batch(trajs, weights, [0] * 4 + [5] * 4, 5), step=0)
+    kept = screened.batch
+    assert [t.traj_id for t in kept.trajectories] == [t.traj_id for i, t in enumerate(trajs) if i != 1]
+    assert kept.weights == [1.0] * 3 + [0.5] * 4 and kept.staleness == [0] * 3 + [5] * 4
+    metrics = step_metrics(screened, screen, engine_version=5, step=5)
+    assert metrics["buffer/weight_min"] == 0.5 and metrics["faults/reward_errors"] == 1
+    fake = SimpleNamespace(cfg=LearnerConfig(model_path="unused"))
+    weighted = LearnerGroup.make_batch(fake, kept.trajectories, 0, kept.weights)
+    plain = LearnerGroup.make_batch(fake, kept.trajectories, 0, None)
+    torch.testing.assert_close(weighted.advantages[:3], plain.advantages[:3])
+    torch.testing.assert_close(weighted.advantages[3:], 0.5 * plain.advantages[3:])

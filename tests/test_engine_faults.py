@@ -11,6 +11,7 @@ import psutil
 import pytest
 import ray
 
+from bench.soak import record_handouts
 from vespo import run_config
 from vespo.controller import Controller, LearnerFailed
 
@@ -40,8 +41,8 @@ def kill_inside_broadcast(controller: Controller, at_step: int, killed: list[str
     def broadcast_weights(plan):
         if not killed and controller.step >= at_step:
             time.sleep(0.5)  # receive_weights was submitted just before: let it reach the group
-            killed.append(controller.engines[0]._actor_id.hex())
-            ray.kill(controller.engines[0], no_restart=False)
+            killed.append(controller.engines[0].actor._actor_id.hex())
+            ray.kill(controller.engines[0].actor, no_restart=False)
         return send(plan)
 
     learner.broadcast_weights = broadcast_weights
@@ -56,6 +57,7 @@ def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False
     killed = []
     try:
         controller.setup()
+        handed_out = record_handouts(controller)
         if inside_broadcast:
             kill_inside_broadcast(controller, kill_at_steps[0], killed)
             kill_at_steps = []
@@ -64,7 +66,7 @@ def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False
             for at in kill_at_steps:
                 while controller.step < at and not controller._stop.is_set():
                     time.sleep(0.02)
-                handle = controller.engines[0]
+                handle = controller.engines[0].actor
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and not controller._stop.is_set():
                     try:  # kill while it holds prompts, so there is something to requeue
@@ -83,11 +85,11 @@ def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False
         except LearnerFailed as err:
             outcome = err
         book = {
-            "handed_out": set(controller._engine_of),
-            "pending": set(controller._submitted) | {gid for gid, _ in controller.prompts.requeued},
-            "engine_version": ray.get(controller.engines[0].version.remote()) if not isinstance(outcome, Exception)
-            else None,
-            "abandoned": ray.get(controller.buffer.metrics.remote())["buffer/abandoned_groups"],
+            "handed_out": handed_out,
+            "pending": set(controller.fleet.held) | {gid for gid, _ in controller.prompts.requeued},
+            "engine_version": ray.get(controller.engines[0].actor.version.remote())
+            if not isinstance(outcome, Exception) else None,
+            "abandoned": controller.buffer.metrics()["buffer/abandoned_groups"],
         }  # fmt: skip
     finally:
         controller.shutdown()
@@ -113,8 +115,8 @@ def test_killed_engine_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_pat
     if mode == "async":  # killed while it holds prompts (in a broadcast it may hold none)
         assert summary.requeued_groups, "the killed engine held prompts: they must be handed out again"
         assert set(summary.requeued_groups) <= set(trained) | book["pending"]
-    if mode != "sync":  # admission let go of them (else a few deaths would wedge the feeder)
-        assert book["abandoned"] == len(summary.requeued_groups)
+    # admission let go of them (else a few deaths would wedge the feeder)
+    assert book["abandoned"] == len(summary.requeued_groups)
     # the restarted engine rejoined the weight group and holds the learner's latest weights
     assert book["engine_version"] == summary.version == 24
     assert not orphans, f"vLLM engine processes left behind: {orphans}"

@@ -20,7 +20,6 @@ import ray
 import torch
 from learner_fixtures import save_tiny_llama
 
-from learner import checkpoint
 from learner.config import LearnerConfig
 from learner.export import INDEX_FILE, SINGLE_FILE, write_hf_streaming
 from learner.group import LearnerGroup
@@ -134,7 +133,7 @@ def test_driver_holds_about_one_shard_not_the_model(measured):
         f"full_state_dict {measured.full_growth / MiB:.1f} MiB, model {measured.model_bytes / MiB:.1f} MiB"
     )
     assert measured.export_growth < BOUND
-    # the old path (full_state_dict into the driver, then export_hf) brings the whole model over
+    # the old path (full_state_dict into the driver, then one save) brings the whole model over
     assert measured.full_growth > 0.9 * measured.model_bytes
 
 
@@ -227,10 +226,11 @@ def test_write_hf_streaming_shards_an_untied_model_and_replaces_a_previous_expor
         write_hf_streaming(state.items(), specs[:-1], source, tmp_path / "bad", shard_bytes=1 << 30)
 
 
-def test_export_hf_and_the_streamed_export_copy_the_same_files(measured, big_model_dir, tmp_path):
-    """Same non-weight files as learner.checkpoint.export_hf, so a checkpoint's model/ keeps its layout."""
-    old = tmp_path / "old"
-    checkpoint.export_hf({"x": torch.zeros(1)}, big_model_dir, old)
+def test_the_streamed_export_copies_every_non_weight_file_of_the_source(measured, big_model_dir):
+    """A checkpoint's model/ keeps the source's layout: its config, tokenizer and generation
+    config, every file but the weights."""
+    weights = (".safetensors", ".bin", ".index.json")
+    source_files = {p.name for p in big_model_dir.iterdir() if p.is_file() and not p.name.endswith(weights)}
     new_files = {p.name for p in measured.out.iterdir() if not p.name.startswith("model")}
-    old_files = {p.name for p in old.iterdir() if not p.name.startswith("model")}
-    assert new_files == old_files
+    assert {"config.json", "tokenizer.json"} <= source_files
+    assert new_files == source_files

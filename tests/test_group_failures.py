@@ -1,18 +1,24 @@
-"""Groups that fail inside a live engine: the engine reports them, the controller frees their
-admission slots, drops refused prompts at once and hands other failures out again a bounded
-number of times. Orchestration logic, so a fake engine (fault injection) and a fake buffer
-stand in; the real engine's refusals are exercised end to end in tests/test_resume.py."""
+"""Groups that fail inside a live engine: the engine reports each once, and the fleet frees
+its admission slot, drops a refused prompt at once and hands any other failure out again up
+to train.group_retries times. The first test runs the real engine actor's reporting on a
+fault-injecting generator; the rest drive the real fleet and buffer with an in-process
+engine (tests/fakes.py). The real engine's refusals run end to end in tests/test_resume.py."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
+import pytest
+from fakes import FakeEngine, FakeLearner, FakeLogger, Running, assemble, fake_config, make_item
+
+from buffer.config import BufferConfig
+from buffer.replay import ReplayBuffer
 from rollout.actor import PromptError, RolloutActor
 from rollout.config import RolloutConfig
 from rollout.records import Completion, PromptItem
 from rollout.tasks.registry import TaskSample
-from vespo import run_config
-from vespo.controller import Controller
+from vespo.fleet import EngineFleet
 from vespo.prompts import PromptStream
 
 
@@ -78,51 +84,99 @@ def test_the_engine_reports_failed_and_refused_groups_once():
     assert by_gid["long"][1] is True and PromptError.__name__ in by_gid["long"][0]
 
 
-def controller_with(retries: int) -> Controller:
-    cfg = run_config.load(None, [f"train.group_retries={retries}", "wandb.mode=disabled"])
-    controller = Controller(cfg)
-    samples = [TaskSample(id=f"s{i}", prompt=f"{i}+1=", answer=str(i + 1), chat=False) for i in range(4)]
-    controller.prompts = PromptStream(samples)
-    controller._by_id = {s.id: s for s in samples}
-    controller.buffer = FakeBuffer()
-    controller.tokenizer = None  # the prompts are not rendered here: plain samples, chat off
+class Failing(FakeEngine):
+    """Fails the given groups every time they are generated (not refused: a retry may work)."""
 
-    return controller
+    def __init__(self, *args, always: set[str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.always = always or set()
+
+    def submit(self, items) -> None:
+        for item in items:
+            if item.group_id in self.always:
+                self.fail[item.group_id] = ("RuntimeError: engine step failed", False)
+        super().submit(items)
+
+
+SAMPLES = [TaskSample(id=f"s{i}", prompt=f"{i}+1=", answer=str(i + 1), chat=False) for i in range(4)]
+FIRST, SECOND = [gid for gid, _ in PromptStream(SAMPLES).take(2)]
+
+
+def fleet_with(retries: int, always: set[str] | None = None) -> tuple[EngineFleet, Failing, ReplayBuffer]:
+    """A fleet whose admission lets one group be in flight (max_staleness 0, one group a step):
+    a failure that did not free its slot would stop all feeding."""
+    buf = ReplayBuffer(BufferConfig(max_staleness=0, groups_per_step=1))
+    engine = Failing("engine-0", buf, always=always)
+    fleet = EngineFleet([engine], buf, PromptStream(SAMPLES), make_item, group_retries=retries)
+    fleet.started([engine.start().result()], quiet=True)
+    return fleet, engine, buf
+
+
+def abandoned(buf: ReplayBuffer) -> float:
+    return buf.metrics()["buffer/abandoned_groups"]
 
 
 def test_failures_are_retried_a_bounded_number_of_times_then_dropped():
-    controller = controller_with(retries=2)
-    attempts, first = 0, None
-    while True:
-        gid, sample = controller.prompts.next()
-        first = first or gid
-        assert gid == first  # the same group comes back first, under its id
-        controller._handed_out(gid, sample, 0)
-        attempts += 1
-        controller._failed_groups([(gid, "RuntimeError: engine step failed", False)], release_admission=True)
-        if not controller.prompts.requeued:
-            break
-    assert attempts == 3  # the first try and two retries
-    assert (controller.retried_groups, controller.dropped_groups) == (2, 1)
-    assert controller.buffer.abandoned == 3 and not controller._submitted  # every slot released
-    assert controller.prompts.next()[0].startswith("e0-p1-")  # then the stream goes on
+    fleet, engine, buf = fleet_with(retries=2, always={FIRST})
+    for _ in range(4):  # each feed collects the last failure and hands out the next attempt
+        fleet.feed(0, per_engine=1)
+    assert engine.submitted == [FIRST, FIRST, FIRST, SECOND]  # the first try, two retries, then the stream goes on
+    assert (fleet.retried_groups, fleet.dropped_groups, fleet.refused_prompts) == (2, 1, 0)
+    assert abandoned(buf) == 3 and list(fleet.held) == [SECOND]  # every failed attempt let go of its slot
 
 
 def test_a_refused_prompt_is_dropped_at_once_and_frees_its_slot():
-    controller = controller_with(retries=2)
-    gid, sample = controller.prompts.next()
-    controller._handed_out(gid, sample, 0)
-    controller._failed_groups([(gid, "PromptError: too long", True)], release_admission=True)
-    assert controller.refused_prompts == 1 and controller.retried_groups == 0 and not controller.prompts.requeued
-    assert controller.buffer.abandoned == 1
+    fleet, engine, buf = fleet_with(retries=2)
+    fleet.feed(0, per_engine=1)
+    engine.fail[FIRST] = ("PromptError: prompt too long", True)
+    fleet.feed(0, per_engine=1)
+    assert engine.submitted == [FIRST, SECOND] and not fleet.prompts.requeued
+    assert (fleet.refused_prompts, fleet.retried_groups, fleet.dropped_groups) == (1, 0, 0)
+    assert abandoned(buf) == 1
     # a report for a group already accounted for (an engine recovery requeued it) changes nothing
-    controller._failed_groups([(gid, "PromptError: too long", True)], release_admission=True)
-    assert controller.refused_prompts == 1 and controller.buffer.abandoned == 1
+    fleet.failed([(FIRST, "PromptError: prompt too long", True)])
+    assert fleet.refused_prompts == 1 and abandoned(buf) == 1
 
 
-def test_retries_zero_drops_on_the_first_failure_in_sync_mode_without_touching_admission():
-    controller = controller_with(retries=0)
-    gid, sample = controller.prompts.next()
-    controller._handed_out(gid, sample, 0)
-    controller._failed_groups([(gid, "RuntimeError: boom", False)], release_admission=False)
-    assert controller.dropped_groups == 1 and controller.buffer.abandoned == 0 and not controller.prompts.requeued
+def test_retries_zero_drops_on_the_first_failure():
+    fleet, engine, buf = fleet_with(retries=0, always={FIRST})
+    fleet.feed(0, per_engine=1)
+    fleet.feed(0, per_engine=1)
+    assert engine.submitted == [FIRST, SECOND] and fleet.dropped_groups == 1 and fleet.retried_groups == 0
+    assert abandoned(buf) == 1 and not fleet.prompts.requeued
+
+
+def test_a_group_that_succeeds_on_a_retry_trains_once_and_the_faults_are_on_the_dashboard(tmp_path):
+    cfg = fake_config(tmp_path, "train.group_retries=1", "train.steps=4", "buffer.max_staleness=1")
+    buf, logger = ReplayBuffer(cfg.buffer), FakeLogger()
+    engine = FakeEngine("engine-0", buf)
+    controller = assemble(cfg, buf, [engine], FakeLearner(), logger)
+    first, second = [gid for gid, _ in PromptStream(controller.prompts.samples, cfg.task.seed).take(2)]
+    engine.fail = {first: ("RuntimeError: engine step failed", False), second: ("PromptError: too long", True)}
+    summary = controller.run(checkpoint=False)
+    assert summary.trained_groups.count(first) == 1 and second not in summary.trained_groups
+    assert engine.submitted.count(first) == 2 and engine.submitted.count(second) == 1
+    faults = {k: v for k, v in logger.metrics[-1].items() if k.startswith("faults/")}
+    assert faults["faults/retried_groups"] == 1 and faults["faults/refused_prompts"] == 1
+    assert faults["faults/dropped_groups"] == 0 and faults["faults/engine_restarts"] == 0
+    assert logger.metrics[-1]["buffer/abandoned_groups"] == 2  # both failures let go of their slots
+
+
+class RefusesAll(FakeEngine):
+    """Every prompt is too long for it (say, rollout.max_model_len is too small for the task)."""
+
+    def submit(self, items) -> None:
+        for item in items:
+            self.fail[item.group_id] = ("PromptError: too long", True)
+        super().submit(items)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_run_whose_every_prompt_is_refused_gives_up_after_the_batch_timeout(tmp_path, mode):
+    cfg = fake_config(tmp_path, f"train.mode={mode}", "train.batch_timeout_s=1")
+    buf = ReplayBuffer(cfg.buffer)
+    controller = assemble(cfg, buf, [RefusesAll("engine-0", buf)], FakeLearner())
+    started = time.perf_counter()
+    with pytest.raises(TimeoutError, match="batch_timeout_s"):
+        Running(controller).result(timeout=5)
+    assert time.perf_counter() - started < 3 and controller.fleet.refused_prompts > 0

@@ -4,7 +4,7 @@ import torch
 from learner_fixtures import synthetic_trajectories
 
 from learner.batching import collate, micro_batches, trim
-from learner.worker import batch_totals, merge_metrics, shard
+from learner.sharding import batch_totals, merge_metrics, shard
 
 
 def test_collate_aligns_response_fields_with_the_predicted_tokens():

@@ -52,3 +52,26 @@ def test_actors_are_pinned_to_node_groups_only_where_the_cluster_marks_them():
     assert role_options({"CPU": 4.0}, "rollout") == {}
     assert role_options({"CPU": 96.0, "vespo_rollout": 6.0}, "rollout") == {"resources": {"vespo_rollout": 0.001}}
     assert role_options({"CPU": 96.0, "vespo_rollout": 6.0}, "learner") == {}
+
+
+def test_a_cluster_file_is_checked_like_a_run_config(tmp_path):
+    from vespo.placement import cluster_from_file
+    from vespo.typed_config import ConfigError
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("nodes:\n  - {name: head, cpus: 8}\n  - {name: gpu, count: 2, cpus: 32, gpus: 4, role: rollout}\n")
+    assert cluster_from_file(path) == ClusterSpec([NodeGroup("head", cpus=8), NodeGroup("gpu", 2, 32, 4, "rollout")])
+    for text, message in [
+        ("nodes:\n  - {name: a, gpus: -1}\n", r"cluster.yaml: nodes\[0\].gpus must be >= 0, got -1$"),
+        ("nodes:\n  - {name: a, gpu: 1}\n", r"cluster.yaml: unknown key 'nodes\[0\].gpu'; did you mean 'gpus'\?"),
+        ("nodes:\n  - {name: a, role: trainer}\n", r"nodes\[0\].role must be 'rollout', 'learner' or 'shared'"),
+        ("nodes:\n  - {cpus: 4}\n", r"missing required key 'nodes\[0\].name'"),
+        ("nodes: []\n", r"nodes must hold at least 1 item\(s\), got 0"),
+        ("nodes:\n  - {name: a}\n  - {name: a}\n", r"node group names must differ, 'a' is used twice"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            cluster_from_file(path)
+    path.write_text("workers: 3\n")
+    with pytest.raises(PlacementError, match="expected a Ray cluster launcher config"):
+        cluster_from_file(path)

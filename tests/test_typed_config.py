@@ -1,9 +1,11 @@
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
+from pydantic import Field
 
-from vespo.typed_config import ConfigError, load, to_dict
+from vespo.typed_config import ConfigError, build, derive, load, section, to_dict
 
 
 @dataclass
@@ -41,7 +43,7 @@ def test_yaml_and_overrides(tmp_path):
         (["steps=abc"], r"steps: expected an integer, got 'abc'"),
         (["steps=1.5"], r"steps: expected an integer"),
         (["inner.lr=-1"], r"inner: lr must be > 0, got -1.0"),
-        (["inner.mode=fast"], r"inner.mode: 'fast' is not one of 'sync', 'async'"),
+        (["inner.mode=fast"], r"inner.mode must be 'sync' or 'async', got 'fast'"),
         (["inner.stages=[1]"], r"inner.stages: expected 2 values, got 1"),
         (["inner=3"], r"inner: expected a mapping, got 3"),
         (["novalue"], r"must look like section.key=value"),
@@ -59,3 +61,30 @@ def test_unreadable_file(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load(Outer, bad)
+
+
+@section("demo")
+class Section:
+    rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    count: int | None = None
+    _derived: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+
+def test_a_section_is_a_dataclass_checked_on_every_construction():
+    s = Section(rate=0.25)
+    assert dataclasses.fields(s)[0].name == "rate" and dataclasses.asdict(s)["rate"] == 0.25
+    with pytest.raises(ConfigError, match=r"^demo.rate must be in \(0, 1\], got 2$"):
+        dataclasses.replace(s, rate=2)
+    with pytest.raises(ConfigError, match=r"^unknown key 'demo.rat'; did you mean 'rate'\?$"):
+        Section(rat=1)
+    with pytest.raises(ConfigError, match=r"^outer.rate must be in \(0, 1\], got 0$"):
+        build(Section, {"rate": 0}, where="outer")
+
+
+def test_derived_values_are_filled_checked_and_written_unset():
+    s = derive(Section(), "count", 3, "source.count", "why")
+    assert s.count == 3 and to_dict(s) == {"rate": 0.5, "count": None}
+    assert derive(s, "count", 4, "source.count", "why").count == 4  # derived before: derived again
+    assert derive(Section(count=3), "count", 3, "source.count", "why") == Section(count=3)
+    with pytest.raises(ConfigError, match=r"^demo.count \(2\) must equal source.count \(3\): why; leave it unset$"):
+        derive(Section(count=2), "count", 3, "source.count", "why")

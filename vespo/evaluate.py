@@ -17,7 +17,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
 from learner import checkpoint
@@ -61,10 +60,11 @@ def evaluate(
 
     from rollout.actor import rollout_actor
     from rollout.tasks.registry import make_task
-    from vespo.controller import _init_ray
+    from vespo.eval_score import score
     from vespo.examples import examples
     from vespo.models import resolve_model
     from vespo.prompts import prompt_item
+    from vespo.ray_components import init_ray
 
     model_path = resolve_model(model or cfg.model)
     cfg.rollout.model_path = model_path
@@ -75,7 +75,7 @@ def evaluate(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     items = [prompt_item(f"eval-{s.id}", s, tokenizer, cfg.task.system_prompt) for s in held_out]
     was_up = ray.is_initialized()
-    _init_ray(cfg)
+    init_ray(cfg)
     actor = rollout_actor(cfg.rollout, cfg.task, "eval-engine")
     try:
         ray.get(actor.start.remote())
@@ -85,25 +85,19 @@ def evaluate(
         ray.kill(actor)
         if not was_up:
             ray.shutdown()
-    rewards = np.array([t.reward for t in result.trajectories], dtype=np.float64)
-    errors = [t.extra["reward_error"] for t in result.trajectories if "reward_error" in t.extra]
-    by_group: dict[str, list[float]] = {}
-    for t in result.trajectories:
-        by_group.setdefault(t.group_id, []).append(t.reward)
+    scored = score(result.trajectories)
     return EvalResult(
         model=model_path,
-        prompts=len(by_group),
+        prompts=scored.prompts,
         samples_per_prompt=samples,
         temperature=cfg.rollout.temperature,
-        mean_reward=float(rewards.mean()) if len(rewards) else float("nan"),
-        accuracy=float((rewards >= 1.0).mean()) if len(rewards) else float("nan"),
-        pass_at_k=float(np.mean([max(r) >= 1.0 for r in by_group.values()])) if by_group else float("nan"),
-        mean_response_tokens=float(np.mean([len(t.response_ids) for t in result.trajectories]))
-        if result.trajectories
-        else 0.0,
+        mean_reward=scored.mean_reward,
+        accuracy=scored.accuracy,
+        pass_at_k=scored.pass_at_k,
+        mean_response_tokens=scored.mean_response_tokens,
         failed_prompts=len(result.errors),
-        reward_errors=len(errors),
-        first_reward_error=errors[0] if errors else None,
+        reward_errors=len(scored.reward_errors),
+        first_reward_error=scored.reward_errors[0] if scored.reward_errors else None,
         examples=[asdict(e) for e in examples(result.trajectories[::samples], tokenizer, show)],
     )
 

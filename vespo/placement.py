@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import Field
+
+from vespo import typed_config
+from vespo.typed_config import AtLeast0, AtLeast1, ConfigError, NonEmpty, NonNegative, section
 
 # Custom Ray resources that mark node groups (deploy/cluster.yaml sets them per node type): when
 # the cluster has them, engines and learner ranks request a sliver, which pins them to their group.
@@ -25,18 +28,25 @@ class PlacementError(ValueError):
     """The requested layout does not fit the cluster; the message says what is short."""
 
 
-@dataclass
+@section()
 class NodeGroup:
-    name: str
-    count: int = 1
-    cpus: float = 2
-    gpus: int = 0
+    name: NonEmpty
+    count: AtLeast1 = 1  # nodes of this kind
+    cpus: NonNegative = 2  # per node
+    gpus: AtLeast0 = 0  # per node
     role: Literal["rollout", "learner", "shared"] = "shared"
 
 
-@dataclass
+@section()
 class ClusterSpec:
-    nodes: list[NodeGroup] = field(default_factory=lambda: [NodeGroup("local")])
+    # the first group's first node hosts the driver
+    nodes: Annotated[list[NodeGroup], Field(min_length=1)] = field(default_factory=lambda: [NodeGroup("local")])
+
+    def __post_init__(self) -> None:
+        names = [g.name for g in self.nodes]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # the plan tells groups apart by name
+            raise ConfigError(f"nodes: node group names must differ, {', '.join(map(repr, twice))} is used twice")
 
 
 @dataclass
@@ -167,15 +177,15 @@ def _role_of(resources: dict[str, Any]) -> str:
 def cluster_from_file(path: str | Path) -> ClusterSpec:
     """A cluster description from YAML: either a Ray cluster launcher config (node types from
     `available_node_types`, `max_workers` of each, roles from the vespo_* custom resources) or
-    a plain `nodes:` list of {name, count, cpus, gpus, role}."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if "available_node_types" in data:
-        return cluster_from_launcher(data)
-    if "nodes" in data:
-        try:
-            return ClusterSpec([NodeGroup(**node) for node in data["nodes"]])
-        except TypeError as err:
-            raise PlacementError(f"{path}: each node group takes name, count, cpus, gpus, role ({err})") from err
+    a plain `nodes:` list of {name, count, cpus, gpus, role}, checked like a run config."""
+    data = typed_config.read_yaml(path)
+    try:
+        if "available_node_types" in data:
+            return cluster_from_launcher(data)
+        if "nodes" in data:
+            return typed_config.build(ClusterSpec, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     raise PlacementError(f"{path}: expected a Ray cluster launcher config (available_node_types) or a nodes: list")
 
 
@@ -214,3 +224,9 @@ def role_options(cluster_resources: dict[str, float], role: str) -> dict[str, An
     """Ray actor options that keep an actor on its node group, where the cluster marks groups."""
     name = ROLE_RESOURCES[role]
     return {"resources": {name: 0.001}} if cluster_resources.get(name) else {}
+
+
+def cpus_needed(cfg: Any) -> float:
+    """CPUs the run's actors ask Ray for in all (engines and learner ranks)."""
+    d = demand_of(cfg)
+    return d.engines * d.cpus_per_engine + d.learner_ranks * d.cpus_per_rank

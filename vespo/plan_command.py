@@ -14,7 +14,17 @@ import sys
 from rich.console import Console
 
 from vespo import run_config, typed_config
-from vespo.placement import ClusterSpec, NodeGroup, PlacementError, Plan, cluster_from_file, demand_of, plan
+from vespo.placement import (
+    ClusterSpec,
+    NodeGroup,
+    PlacementError,
+    Plan,
+    cluster_from_file,
+    cpus_needed,
+    demand_of,
+    plan,
+)  # fmt: skip
+from weightsync.protocol import backend_for
 
 
 def local_cluster(cfg: run_config.RunConfig) -> ClusterSpec:
@@ -22,7 +32,7 @@ def local_cluster(cfg: run_config.RunConfig) -> ClusterSpec:
     as vespo train does: the actors then share the cores)."""
     import torch
 
-    need = cfg.train.num_engines * cfg.rollout.num_cpus + cfg.learner.world_size * cfg.learner.num_cpus_per_worker
+    need = cpus_needed(cfg)
     return ClusterSpec([NodeGroup("local", 1, max(float(os.cpu_count() or 1), need), torch.cuda.device_count())])
 
 
@@ -31,7 +41,7 @@ def describe(cfg: run_config.RunConfig, p: Plan) -> str:
     rank_nodes = {(s.group, s.node) for s in ranks}
     engine_nodes = {(s.group, s.node) for s in engines}
     receivers = len(engines) * cfg.rollout.tensor_parallel_size
-    backend = "nccl" if cfg.learner.num_gpus_per_worker > 0 else "gloo"
+    backend = backend_for("cuda" if cfg.learner.num_gpus_per_worker > 0 else "cpu")
     lines = [
         p.by_node(),
         "",

@@ -32,6 +32,7 @@ class PromptStream:
         if not samples:
             raise ValueError("the task has no training prompts")
         self.samples, self.seed = samples, seed
+        self.by_id = {s.id: s for s in samples}
         self.state = state or PromptStreamState()
         self._order = self._shuffled(self.state.epoch)
         self.requeued: list[tuple[str, TaskSample]] = []  # handed out, never received: hand out again

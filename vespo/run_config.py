@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Literal
 
@@ -19,50 +19,37 @@ from rollout.config import RolloutConfig
 from rollout.tasks.registry import TaskConfig
 from vespo import typed_config
 from vespo.run_logger import WandbConfig
+from vespo.typed_config import AtLeast0, AtLeast1, ConfigError, NonEmpty, Positive, section
 
 
-@dataclass
+@section("train")
 class TrainConfig:
     mode: Literal["async", "sync"] = "async"
     # sync: each rollout batch of staleness_ratio * groups_per_step groups is split into
     # staleness_ratio sequential updates (the paper's N); 1 is plain on-policy training
-    staleness_ratio: int = 1
-    steps: int = 500  # learner steps (optimizer updates)
-    groups_per_step: int = 32  # prompts per learner step; each brings rollout.n samples
-    sync_every: int = 1  # learner steps between weight broadcasts (async mode)
-    num_engines: int = 1  # rollout engine actors
-    max_inflight_groups: int = 32  # per engine: prompts being generated at once (async mode)
-    weight_bucket_mb: int = 64  # size of one weight-broadcast bucket
+    staleness_ratio: AtLeast1 = 1
+    steps: AtLeast1 = 500  # learner steps (optimizer updates)
+    groups_per_step: AtLeast1 = 32  # prompts per learner step; each brings rollout.n samples
+    sync_every: AtLeast1 = 1  # learner steps between weight broadcasts (async mode)
+    num_engines: AtLeast1 = 1  # rollout engine actors
+    max_inflight_groups: AtLeast1 = 32  # per engine: prompts being generated at once (async mode)
+    weight_bucket_mb: AtLeast1 = 64  # size of one weight-broadcast bucket
     recompute_old_logprobs: bool = False  # learner recomputes pi_old (train/inference mismatch correction)
-    eval_every: int = 50  # learner steps between held-out evaluations; 0 disables
-    eval_prompts: int = 64
-    eval_log_samples: int = 4  # sampled responses (prompt, response, reward) logged at each evaluation
-    checkpoint_every: int = 0  # learner steps between checkpoints; 0: only at the end
-    output_dir: str = "runs/vespo"  # checkpoints and wandb files go under it
-    batch_timeout_s: float = 600.0  # the learner gives up waiting for a batch after this long
-    engine_restart_timeout_s: float = 600.0  # how long a dead engine may take to come back (Ray restart + start)
-    group_retries: int = 2  # a group that fails inside a live engine is handed out again this often, then dropped
-    keep_checkpoints: int = 3  # complete checkpoints kept (the newest); 0 keeps all
-    ray_address: str | None = None  # None: start a local Ray (or use RAY_ADDRESS / an initialised Ray)
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.groups_per_step < 1 or self.sync_every < 1 or self.num_engines < 1:
-            raise ValueError("train.steps, groups_per_step, sync_every and num_engines must be >= 1")
-        if self.staleness_ratio < 1:
-            raise ValueError(f"train.staleness_ratio must be >= 1, got {self.staleness_ratio}")
-        if self.eval_every < 0 or self.checkpoint_every < 0 or self.max_inflight_groups < 1:
-            raise ValueError("train.eval_every and checkpoint_every must be >= 0, max_inflight_groups >= 1")
-        if self.group_retries < 0 or self.keep_checkpoints < 0:
-            raise ValueError("train.group_retries and train.keep_checkpoints must be >= 0")
-        if self.batch_timeout_s <= 0 or self.engine_restart_timeout_s <= 0:
-            raise ValueError("train.batch_timeout_s and train.engine_restart_timeout_s must be > 0")
-        if self.eval_log_samples < 0 or self.eval_prompts < 1:
-            raise ValueError("train.eval_log_samples must be >= 0 and train.eval_prompts >= 1")
+    eval_every: AtLeast0 = 50  # learner steps between held-out evaluations; 0 disables
+    eval_prompts: AtLeast1 = 64
+    eval_log_samples: AtLeast0 = 4  # sampled responses (prompt, response, reward) logged at each evaluation
+    checkpoint_every: AtLeast0 = 0  # learner steps between checkpoints; 0: only at the end
+    output_dir: NonEmpty = "runs/vespo"  # checkpoints and wandb files go under it
+    batch_timeout_s: Positive = 600.0  # the learner gives up waiting for a batch after this long
+    engine_restart_timeout_s: Positive = 600.0  # how long a dead engine may take to come back (Ray restart + start)
+    group_retries: AtLeast0 = 2  # a group that fails inside a live engine is handed out again this often, then dropped
+    keep_checkpoints: AtLeast0 = 3  # complete checkpoints kept (the newest); 0 keeps all
+    ray_address: NonEmpty | None = None  # None: start a local Ray (or use RAY_ADDRESS / an initialised Ray)
 
 
-@dataclass
+@section()
 class RunConfig:
-    model: str = "tiny"  # a local Hugging Face model directory, or "tiny": the locally built tiny model
+    model: NonEmpty = "tiny"  # a local Hugging Face model directory, or "tiny": the locally built tiny model
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=lambda: TaskConfig(name="arithmetic", max_digits=1))
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(n=8, max_new_tokens=8, max_model_len=64))
@@ -71,29 +58,38 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        t = self.train
+        t, max_staleness = self.train, self.buffer.max_staleness
         if t.mode == "sync" and t.sync_every != 1:
-            raise ValueError("train.sync_every applies to async mode; in sync mode use train.staleness_ratio")
-        if t.mode == "sync" and self.buffer.max_staleness < t.staleness_ratio - 1:
-            raise ValueError(
-                f"sync mode with staleness_ratio {t.staleness_ratio} trains on data up to {t.staleness_ratio - 1} "
-                f"versions old, but buffer.max_staleness is {self.buffer.max_staleness}: raise it"
+            raise ConfigError("train.sync_every applies to async mode; in sync mode use train.staleness_ratio")
+        if t.mode == "sync" and max_staleness < t.staleness_ratio - 1:
+            raise ConfigError(
+                f"sync mode with train.staleness_ratio {t.staleness_ratio} trains on data up to "
+                f"{t.staleness_ratio - 1} versions old, but buffer.max_staleness is {max_staleness}: raise it"
             )
         if t.mode == "async" and t.staleness_ratio != 1:
-            raise ValueError(
+            raise ConfigError(
                 "train.staleness_ratio is for sync mode; async mode caps staleness with buffer.max_staleness"
             )
-        if t.mode == "async" and self.buffer.max_staleness < t.sync_every - 1:
-            raise ValueError(
+        if t.mode == "async" and max_staleness < t.sync_every - 1:
+            raise ConfigError(
                 f"train.sync_every {t.sync_every} makes data at least {t.sync_every - 1} versions old, more than "
-                f"buffer.max_staleness {self.buffer.max_staleness}: every batch would be dropped"
+                f"buffer.max_staleness {max_staleness}: every batch would be dropped"
             )
         needed = t.groups_per_step * self.rollout.n * (t.staleness_ratio if t.mode == "sync" else 1)
         if self.buffer.capacity < needed:
-            raise ValueError(f"buffer.capacity {self.buffer.capacity} is below one step's {needed} trajectories")
-        if self.learner.temperature != self.rollout.temperature:
-            self.learner.temperature = self.rollout.temperature  # the learner scores the engines' policy
-        self.buffer.groups_per_step = t.groups_per_step
+            raise ConfigError(
+                f"buffer.capacity {self.buffer.capacity} is below one step's {needed} trajectories "
+                "(train.groups_per_step x rollout.n, x train.staleness_ratio in sync mode)"
+            )
+        if self.rollout.temperature > 0:  # 0 is greedy evaluation: no policy for a learner to score
+            self.learner = typed_config.derive(
+                self.learner, "temperature", self.rollout.temperature, "rollout.temperature",
+                "the learner scores the engines' policy",
+            )  # fmt: skip
+        self.buffer = typed_config.derive(
+            self.buffer, "groups_per_step", t.groups_per_step, "train.groups_per_step",
+            "admission counts the groups the learner takes per step",
+        )  # fmt: skip
 
     @property
     def output(self) -> Path:

@@ -16,6 +16,8 @@ import socket
 import time
 from pathlib import Path
 
+from learner.checkpoint import write_atomic
+
 MARKER = "vespo-run.json"
 OWNED = ("checkpoints", "wandb", MARKER)  # what --overwrite removes: only what a run writes
 
@@ -77,9 +79,7 @@ def claim(output: Path, overwrite: bool = False, resuming: bool = False) -> None
             history = []
         history.append(record)
         record = {**record, "resumes": history}
-    tmp = marker.with_name(MARKER + ".writing")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, marker)
+    write_atomic(marker, json.dumps(record, indent=1))
 
 
 def release(output: Path) -> None:

@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import AfterValidator, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from vespo.typed_config import NonEmpty, section
 
 SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 # (metric, console label)
@@ -33,15 +35,26 @@ HEADLINE = (
     ("perf/gen_tokens_per_s", "gen_tok/s"),
     ("perf/train_tokens_per_s", "train_tok/s"),
 )
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters wandb refuses in a project name
 
 
-@dataclass
+def _project_name(name: str) -> str:
+    """wandb would refuse the name only when the run starts; say so before anything starts."""
+    if any(c in name for c in WANDB_PROJECT_FORBIDDEN):
+        raise ValueError(f"must not contain any of {' '.join(WANDB_PROJECT_FORBIDDEN)}, got {name!r}")
+    return name
+
+
+ProjectName = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_project_name)]
+
+
+@section("wandb")
 class WandbConfig:
     mode: Literal["online", "offline", "disabled"] = "offline"
-    project: str = "vespo"
-    entity: str | None = None
-    run_name: str | None = None
-    dir: str = "runs"  # wandb writes under {dir}/wandb
+    project: ProjectName = "vespo"
+    entity: NonEmpty | None = None  # None: the account's default entity
+    run_name: NonEmpty | None = None  # None: wandb picks one
+    dir: NonEmpty = "runs"  # wandb writes under {dir}/wandb
 
 
 def redact(config: Any) -> Any:

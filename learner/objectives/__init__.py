@@ -14,12 +14,13 @@ weight, the token-level baselines multiply each token's loss by them.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
 import torch
 
+from configtypes import ConfigError, build, keys_of
 from learner.objectives.aggregation import AGG_MODES, aggregate
 from learner.objectives.cispo import CispoConfig, cispo_objective
 from learner.objectives.fused import prepare_fused
@@ -31,7 +32,7 @@ from learner.objectives.vespo import VespoConfig, phi, vespo_objective
 
 ObjectiveConfig = VespoConfig | GrpoConfig | GspoConfig | SapoConfig | CispoConfig
 
-CONFIGS: dict[str, type] = {
+CONFIGS: dict[str, type[ObjectiveConfig]] = {
     "vespo": VespoConfig,
     "grpo": GrpoConfig,
     "gspo": GspoConfig,
@@ -42,18 +43,21 @@ OBJECTIVES = tuple(CONFIGS)
 
 
 def make_config(name: str, config: ObjectiveConfig | Mapping[str, Any] | None = None) -> ObjectiveConfig:
-    """The typed config for objective `name` from None (defaults), a mapping or a config."""
+    """The typed config for objective `name` from None (defaults), a mapping (`learner.objective_config`,
+    validated like every other section) or a config."""
     cls = _config_class(name)
     if config is None:
         return cls()
     if isinstance(config, cls):
         return config
     if isinstance(config, Mapping):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known)
+        known = keys_of(cls)
+        unknown = sorted(map(str, set(config) - set(known)))
         if unknown:
-            raise ValueError(f"unknown {name} option(s) {unknown}; valid options: {sorted(known)}")
-        return cls(**config)
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid options: {known}"
+            raise ConfigError(f"learner.objective_config: unknown {name} option(s) {unknown}; {hint}")
+        return build(cls, dict(config))
     raise TypeError(f"config for {name!r} must be {cls.__name__}, a mapping or None, got {type(config).__name__}")
 
 
@@ -102,7 +106,12 @@ def vespo_loss(
     return compute_loss("vespo", logprobs, behavior_logprobs, advantages, mask, cfg, rollout_is_weights)
 
 
-def _config_class(name: str) -> type:
+def check_objective(name: str) -> str:
+    _config_class(name)
+    return name
+
+
+def _config_class(name: str) -> type[ObjectiveConfig]:
     try:
         return CONFIGS[name]
     except KeyError:
@@ -120,6 +129,7 @@ __all__ = [
     "SapoConfig",
     "VespoConfig",
     "aggregate",
+    "check_objective",
     "compute_loss",
     "make_config",
     "phi",

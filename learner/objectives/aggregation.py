@@ -9,8 +9,11 @@ Row weights are a batch-sized vector, computed in float64 numpy.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
+from pydantic import AfterValidator
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -19,6 +22,9 @@ def check_agg_mode(mode: str) -> str:
     if mode not in AGG_MODES:
         raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(AGG_MODES)}")
     return mode
+
+
+AggMode = Annotated[str, AfterValidator(check_agg_mode)]  # the `agg` option every objective takes
 
 
 def row_weights(lengths: np.ndarray, mode: str) -> np.ndarray:

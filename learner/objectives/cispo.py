@@ -6,27 +6,24 @@ can be up-weighted, so rare but important tokens keep contributing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
-from learner.objectives.aggregation import check_agg_mode, row_weights_like
+from configtypes import NonNegative, section
+from learner.objectives.aggregation import AggMode, row_weights_like
 from learner.objectives.grpo import token_ratio
 from learner.objectives.inputs import PolicyBatch
 from learner.objectives.metrics import batch_policy_metrics, token_fraction, token_stats
 from learner.objectives.weighted_loglik import weighted_loglik
 
 
-@dataclass(frozen=True)
+@section("learner.objective_config", frozen=True)
 class CispoConfig:
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    agg: str = "token-mean"
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.eps_low <= 1 and self.eps_high >= 0):
-            raise ValueError(f"CISPO needs 0 <= eps_low <= 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
-        check_agg_mode(self.agg)
+    eps_low: Annotated[float, Field(ge=0, le=1)] = 0.2  # the weight's floor 1 - eps_low may reach 0, never below
+    eps_high: NonNegative = 0.2
+    agg: AggMode = "token-mean"
 
 
 def cispo_objective(

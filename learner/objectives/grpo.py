@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
-from learner.objectives.aggregation import aggregate, check_agg_mode
+from configtypes import NonNegative, section
+from learner.objectives.aggregation import AggMode, aggregate
 from learner.objectives.clipping import clipped_surrogate
 from learner.objectives.inputs import LOG_RATIO_CLAMP, PolicyBatch
 from learner.objectives.metrics import batch_policy_metrics, token_fraction, token_stats
 
+# PPO's lower clip: the ratio is clipped at 1 - eps_low, which must stay above 0
+EpsLow = Annotated[float, Field(ge=0, lt=1)]
 
-@dataclass(frozen=True)
+
+@section("learner.objective_config", frozen=True)
 class GrpoConfig:
-    eps_low: float = 0.2
-    eps_high: float = 0.2
+    eps_low: EpsLow = 0.2
+    eps_high: NonNegative = 0.2
     # Dual-clip bound c for A < 0 (loss never exceeds -A * c); None turns it off.
-    dual_clip: float | None = 3.0
-    agg: str = "token-mean"
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
-            raise ValueError(f"GRPO needs 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"GRPO dual_clip must be > 1 (or None), got {self.dual_clip}")
-        check_agg_mode(self.agg)
+    dual_clip: Annotated[float, Field(gt=1)] | None = 3.0
+    agg: AggMode = "token-mean"
 
 
 def token_ratio(batch: PolicyBatch) -> torch.Tensor:

@@ -6,29 +6,24 @@ log pi: the surrogate log ratio is log pi_t - sg(log pi_t) + sg(s / length).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from learner.objectives.aggregation import aggregate, check_agg_mode
+from configtypes import NonNegative, section
+from learner.objectives.aggregation import AggMode, aggregate
 from learner.objectives.clipping import clipped_surrogate
+from learner.objectives.grpo import EpsLow
 from learner.objectives.inputs import PolicyBatch
 from learner.objectives.metrics import batch_policy_metrics, row_stats, to_numpy, token_fraction
 
 MAX_LOG_SEQ_RATIO = 10.0
 
 
-@dataclass(frozen=True)
+@section("learner.objective_config", frozen=True)
 class GspoConfig:
-    eps_low: float = 3e-4
-    eps_high: float = 4e-4
-    agg: str = "seq-mean-token-mean"
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
-            raise ValueError(f"GSPO needs 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
-        check_agg_mode(self.agg)
+    eps_low: EpsLow = 3e-4
+    eps_high: NonNegative = 4e-4
+    agg: AggMode = "seq-mean-token-mean"
 
 
 def gspo_objective(

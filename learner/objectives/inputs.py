@@ -30,10 +30,6 @@ class PolicyBatch:
     scratch: torch.Tensor | None = None  # a free (B, T) float32 buffer left over by prepare
     adv_logprob_rowdot: torch.Tensor | None = None  # (B,) sum m A log pi, from the fused path
 
-    @property
-    def valid_rows(self) -> torch.Tensor:
-        return self.lengths > 0
-
     def masked_advantages(self, row_scale: torch.Tensor | None = None) -> torch.Tensor:
         """A fresh detached (B, T) tensor advantages * mask (* row_scale per row)."""
         adv, m = self.advantages.detach(), self.mask

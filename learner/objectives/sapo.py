@@ -6,26 +6,20 @@ policy gradient; away from r = 1 the gradient fades smoothly rather than being c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from learner.objectives.aggregation import aggregate, check_agg_mode
+from configtypes import Positive, section
+from learner.objectives.aggregation import AggMode, aggregate
 from learner.objectives.grpo import token_ratio
 from learner.objectives.inputs import PolicyBatch
 from learner.objectives.metrics import batch_policy_metrics, token_stats
 
 
-@dataclass(frozen=True)
+@section("learner.objective_config", frozen=True)
 class SapoConfig:
-    tau_pos: float = 1.0
-    tau_neg: float = 1.05
-    agg: str = "seq-mean-token-mean"
-
-    def __post_init__(self) -> None:
-        if not (self.tau_pos > 0 and self.tau_neg > 0):
-            raise ValueError(f"SAPO temperatures must be > 0, got tau_pos={self.tau_pos}, tau_neg={self.tau_neg}")
-        check_agg_mode(self.agg)
+    tau_pos: Positive = 1.0  # gate temperatures for A > 0 and A <= 0
+    tau_neg: Positive = 1.05
+    agg: AggMode = "seq-mean-token-mean"
 
 
 def sapo_objective(

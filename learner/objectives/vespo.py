@@ -13,12 +13,14 @@ of tiny tensor ops. The per-token work stays in torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from learner.objectives.aggregation import check_agg_mode, row_weights
+from configtypes import NonNegative, Positive, section
+from learner.objectives.aggregation import AggMode, row_weights
 from learner.objectives.autotune import ess, shape_scale
 from learner.objectives.fused import RowScaledLogLik
 from learner.objectives.inputs import LOG_RATIO_CLAMP, PolicyBatch
@@ -28,37 +30,28 @@ from learner.objectives.weighted_loglik import weighted_loglik
 LAMBDA_FLOOR = 1e-4
 
 
-@dataclass(frozen=True)
+@section("learner.objective_config", frozen=True)
 class VespoConfig:
     """Kernel shapes by the sign of the sequence advantage (released defaults)."""
 
-    k_pos: float = 2.0  # shape for A >= 0
-    lambda_pos: float = 3.0
-    k_neg: float = 3.0  # shape for A < 0
-    lambda_neg: float = 2.0
-    agg: str = "token-mean"
+    k_pos: NonNegative = 2.0  # shape for A >= 0
+    lambda_pos: NonNegative = 3.0
+    k_neg: NonNegative = 3.0  # shape for A < 0
+    lambda_neg: NonNegative = 2.0
+    agg: AggMode = "token-mean"
     # Fuse the per-token passes with torch.compile (learner.objectives.fused): about half the
     # memory traffic of the eager path. The first call in a process compiles (seconds).
     fused: bool = True
     # Negative-advantage sequences with W above this are the ones that can push a good
     # policy down hard; their count and max W are logged as an early warning.
-    neg_w_noise_threshold: float = 2.0
+    neg_w_noise_threshold: Positive = 2.0
     # If set, (k, lambda) of both shapes are scaled by one factor per batch, the largest that
     # keeps the normalised ESS of phi at or above this target (learner.objectives.autotune).
-    target_ess: float | None = None
+    target_ess: Annotated[float, Field(gt=0, le=1)] | None = None
     # Ablation only: phi of the per-token geometric mean exp(s / length) instead of the true
     # sequence weight exp(s), as GSPO does. The paper reports that this variant fails under
     # staleness; bench/staleness_sweep.py compares it (docs/results.md).
     length_norm: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("k_pos", "k_neg", "lambda_pos", "lambda_neg"):
-            value = getattr(self, name)
-            if not value >= 0:
-                raise ValueError(f"VESPO {name} must be >= 0, got {value}")
-        check_agg_mode(self.agg)
-        if self.target_ess is not None and not 0 < self.target_ess <= 1:
-            raise ValueError(f"VESPO target_ess must be in (0, 1], got {self.target_ess}")
 
 
 def log_phi(s: np.ndarray, k: np.ndarray | float, lam: np.ndarray | float) -> np.ndarray:

@@ -13,10 +13,12 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import numpy as np
+from pydantic import AfterValidator, Field
 
+from configtypes import AtLeast0, AtLeast1, ConfigError, NonEmpty, Positive, section
 from rollout.tasks import arithmetic
 
 
@@ -45,39 +47,42 @@ class Task(Protocol):
 RewardFn = Callable[[str, TaskSample], float]
 
 
-@dataclass
+def _known_task(name: str) -> str:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}")
+    return name
+
+
+def _import_path(spec: str) -> str:
+    module, _, function = spec.partition(":")
+    if not module or not function:
+        raise ValueError(f"must be 'module:function', got {spec!r}")
+    return spec
+
+
+@section("task")
 class TaskConfig:
-    name: str = "arithmetic"  # arithmetic | math
-    path: str | None = None  # math: a .jsonl or .parquet file of rows
+    name: Annotated[str, AfterValidator(_known_task)] = "arithmetic"  # arithmetic | math
+    path: NonEmpty | None = None  # math: a .jsonl or .parquet file of rows
     # math: the fields holding prompt and answer, dotted paths allowed ("reward_model.ground_truth");
     # None finds them from the first row (tasks/datasets.py: PROMPT_KEYS, ANSWER_KEYS; docs/data.md)
-    prompt_key: str | None = None
-    answer_key: str | None = None
+    prompt_key: NonEmpty | None = None
+    answer_key: NonEmpty | None = None
     system_prompt: str | None = None
-    eval_fraction: float = 0.1  # the last rows of the file (math) form the held-out split
-    train_size: int = 4096  # arithmetic: problems per split
-    eval_size: int = 256
-    max_digits: int = 2
-    seed: int = 0
+    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1  # the last rows of the file (math) form the held-out split
+    train_size: AtLeast1 = 4096  # arithmetic: problems per split
+    eval_size: AtLeast1 = 256
+    max_digits: AtLeast1 = 2  # arithmetic: operands below 10**max_digits
+    seed: AtLeast0 = 0
     # "module:function", replaces the task's reward: fn(response, answer) -> float, or veRL's
     # compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | {"score": float}
-    reward_fn: str | None = None
-    reward_timeout_s: float = 10.0  # per sample: a reward still running then is stopped and marks its sample
-    reward_workers: int = 2  # processes per rollout engine that score rewards (a crash there spares the engine)
+    reward_fn: Annotated[str, AfterValidator(_import_path)] | None = None
+    reward_timeout_s: Positive = 10.0  # per sample: a reward still running then is stopped and marks its sample
+    reward_workers: AtLeast1 = 2  # processes per rollout engine that score rewards (a crash there spares the engine)
 
     def __post_init__(self) -> None:
-        if self.name not in TASKS:
-            raise ValueError(f"unknown task {self.name!r}; choose one of {', '.join(sorted(TASKS))}")
         if self.name == "math" and not self.path:
-            raise ValueError("the math task needs task.path: a .jsonl or .parquet file with prompt and answer")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.reward_fn is not None and ":" not in self.reward_fn:
-            raise ValueError(f"reward_fn must be 'module:function', got {self.reward_fn!r}")
-        if not self.reward_timeout_s > 0:
-            raise ValueError(f"task.reward_timeout_s must be > 0, got {self.reward_timeout_s}")
-        if self.reward_workers < 1:
-            raise ValueError(f"task.reward_workers must be >= 1, got {self.reward_workers}")
+            raise ConfigError("the math task needs task.path: a .jsonl or .parquet file with prompt and answer")
 
 
 class ArithmeticTask:

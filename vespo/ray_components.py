@@ -1,0 +1,194 @@
+"""The real components behind vespo.contracts: Ray actors, and Ray's errors in the loop's terms.
+
+An engine call that fails because its actor is gone (for now: Ray restarts it) becomes
+EngineDown; one whose actor will not come back becomes EngineLost. Everything else (a learner
+rank's failure, a bug) passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from buffer.actor import buffer_actor, unpack_batch
+from buffer.replay import Batch
+from learner.group import LearnerGroup
+from rollout.actor import EngineNotStarted, rollout_actor
+from rollout.records import PromptItem, RolloutResult
+from vespo.contracts import EngineDown, EngineLost
+from vespo.placement import PlacementError, cluster_from_ray, cpus_needed, demand_of, plan, role_options
+
+_GONE = (ray.exceptions.RayActorError, EngineNotStarted)
+
+
+def _engine_error(err: BaseException) -> BaseException:
+    if isinstance(err, ray.exceptions.ActorDiedError):
+        return EngineLost(str(err).splitlines()[0])
+    if isinstance(err, _GONE):
+        return EngineDown(f"{type(err).__name__}: {str(err).splitlines()[0]}")
+    return err
+
+
+class RayPending:
+    """A Ray call under way; `engine=True` translates an engine actor's death."""
+
+    def __init__(self, refs: Any, engine: bool = False):
+        self.refs, self.engine = refs, engine
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return ray.get(self.refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise
+        except BaseException as err:
+            if not self.engine:
+                raise
+            translated = _engine_error(err)
+            if translated is err:
+                raise
+            raise translated from err
+
+
+class RayEngine:
+    """One rollout actor (rollout.actor.RolloutActor: vLLM, or the transformers fallback)."""
+
+    def __init__(self, actor, name: str):
+        self.actor, self.name = actor, name
+
+    def _call(self, method: str, *args) -> Any:
+        return RayPending(getattr(self.actor, method).remote(*args), engine=True).result()
+
+    def start(self) -> RayPending:
+        return RayPending(self.actor.start.remote(), engine=True)
+
+    def restart(self, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(self.actor.get_stats.remote(), timeout=30)  # returns once the actor is back
+                break
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as err:
+                if time.monotonic() > deadline:
+                    limit = f"train.engine_restart_timeout_s={timeout_s}"
+                    raise EngineLost(f"{self.name} was not back within {limit}") from err
+                time.sleep(1)
+            except ray.exceptions.ActorDiedError as err:
+                raise EngineLost(str(err).splitlines()[0]) from err
+        return self._call("start")
+
+    def poll(self) -> tuple[int, list]:
+        return self._call("poll")
+
+    def submit(self, items: list[PromptItem]) -> None:
+        self.actor.submit.remote(items)  # fire and forget: a death shows in the next poll
+
+    def generate(self, items: list[PromptItem], n: int | None = None) -> RolloutResult:
+        return self._call("generate", items, n)
+
+    def set_buffer(self, buffer: RayBuffer) -> None:
+        self._call("set_buffer", buffer.actor)
+
+    def join_weight_group(self, host: str, port: int, offset: int, world: int, backend: str, secret: str):
+        return RayPending(self.actor.init_weight_group.remote(host, port, offset, world, backend, secret), True)
+
+    def receive_weights(self, plan: list, version: int) -> RayPending:
+        return RayPending(self.actor.receive_weights.remote(plan, version), engine=True)
+
+    def stats(self):
+        return self._call("get_stats")
+
+    def drain(self) -> None:
+        self._call("drain")
+
+    def shutdown(self) -> None:
+        try:
+            ray.get(self.actor.shutdown.remote(), timeout=30)
+        finally:
+            ray.kill(self.actor)
+
+
+class RayBuffer:
+    """The replay-buffer actor; batches travel packed (buffer.columnar), far fewer objects."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def may_start(self, current_version: int, n_groups: int = 1) -> bool:
+        return ray.get(self.actor.may_start.remote(current_version, n_groups))
+
+    def abandon(self, n_groups: int) -> None:
+        ray.get(self.actor.abandon.remote(n_groups))
+
+    def get_batch(self, n_groups: int, current_version: int, timeout: float | None = 0.0,
+                  at_least: int | None = None) -> Batch | None:  # fmt: skip
+        return unpack_batch(ray.get(self.actor.get_batch_packed.remote(n_groups, current_version, timeout, at_least)))
+
+    def seen_groups(self, group_ids: list[str]) -> list[str]:
+        return ray.get(self.actor.seen_groups.remote(group_ids))
+
+    def snapshot_seen_groups(self, directory: str | Path) -> list[str]:
+        return ray.get(self.actor.snapshot_seen_groups.remote(str(directory)))
+
+    def metrics(self) -> dict[str, float]:
+        return ray.get(self.actor.metrics.remote())
+
+    def shutdown(self) -> None:
+        ray.kill(self.actor)
+
+
+class RayLearner(LearnerGroup):
+    """The DeepSpeed learner group, its asynchronous calls as Pending."""
+
+    def connect_weight_sync(self) -> RayPending:
+        return RayPending(super().connect_weight_sync())
+
+    def broadcast_weights(self, wire_plan: list) -> RayPending:
+        return RayPending(super().broadcast_weights(wire_plan))
+
+
+def start_actors(cfg, restore_buffer: str | None = None) -> tuple[list[RayEngine], RayBuffer]:
+    """Ray first (or the cluster the config names), the layout checked against it, then the
+    buffer and the engine actors (their engines are started by the caller, all at once)."""
+    init_ray(cfg)
+    check_resources(cfg)
+    resources = ray.cluster_resources()
+    buffer = RayBuffer(buffer_actor(cfg.buffer, restore_from=restore_buffer))
+    engines = [RayEngine(rollout_actor(cfg.rollout, cfg.task, f"engine-{i}", buffer.actor,
+                                       **role_options(resources, "rollout")), f"engine-{i}")
+               for i in range(cfg.train.num_engines)]  # fmt: skip
+    return engines, buffer
+
+
+def start_learner(cfg) -> RayLearner:
+    return RayLearner(cfg.learner, role_options(ray.cluster_resources(), "learner").get("resources"))
+
+
+def new_buffer(cfg) -> RayBuffer:
+    return RayBuffer(buffer_actor(cfg.buffer))
+
+
+def init_ray(cfg) -> None:
+    if ray.is_initialized():
+        return
+    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # a local run on a small machine: logical CPUs enough for the layout (they share the cores)
+    need = cpus_needed(cfg)
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))), include_dashboard=False,
+             dashboard_host="127.0.0.1", log_to_driver=True)  # fmt: skip
+
+
+def check_resources(cfg) -> None:
+    """A clear error, before anything starts, when the layout does not fit the cluster."""
+    cluster = cluster_from_ray(ray.nodes())
+    try:
+        plan(cluster, demand_of(cfg))
+    except PlacementError as err:
+        raise PlacementError(f"the run does not fit this Ray cluster: {err}") from err
