@@ -91,6 +91,13 @@ def record_handouts(controller) -> set[str]:
     return handed_out
 
 
+def pending_groups(controller, handed_out: set[str]) -> set[str]:
+    """Groups handed out and not lost: in flight in an engine, waiting to be handed out again,
+    or received by the buffer (waiting there, or dropped as too stale, which it counts)."""
+    delivered = set(controller.buffer.seen_groups(sorted(handed_out)))
+    return set(controller.fleet.held) | {gid for gid, _ in controller.prompts.requeued} | delivered
+
+
 def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None) -> SoakReport:
     import ray
 
@@ -132,7 +139,7 @@ def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None
         threading.Thread(target=chaos, name="soak-chaos", daemon=True).start()
         summary = controller.run(checkpoint=False)
         ended = time.monotonic()
-        pending = set(controller.fleet.held) | {gid for gid, _ in controller.prompts.requeued}
+        pending = pending_groups(controller, handed)
     finally:
         controller.shutdown()
         ray.shutdown()

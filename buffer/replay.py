@@ -65,6 +65,7 @@ class _State:
     oldest: dict[str, int] = field(default_factory=dict)  # per held group, min token version so far
     arrivals: int = 0
     seen: set[str] = field(default_factory=set)  # every traj_id ever accepted
+    seen_groups: set[str] = field(default_factory=set)  # and their groups: asked about every step
     dropped: set[str] = field(default_factory=set)  # group ids dropped while incomplete
     held: int = 0
 
@@ -182,6 +183,7 @@ class ReplayBuffer:
 
     def _add(self, t: Trajectory) -> None:
         self._state.seen.add(t.traj_id)
+        self._state.seen_groups.add(t.group_id)
         self._counters.put += 1
         if t.group_id in self._state.dropped:  # the rest of its group is gone: it cannot be trained on
             self._counters.dropped_stale += 1
@@ -278,8 +280,8 @@ class ReplayBuffer:
         or holds a put for that is waiting for room (it will land even if its sender died):
         what an engine that died had already delivered, so it is not generated again."""
         with self._lock:
-            wanted = set(group_ids)
-            return sorted({tid.rsplit("/", 1)[0] for tid in (*self._state.seen, *self._incoming)} & wanted)
+            arriving = {tid.rsplit("/", 1)[0] for tid in self._incoming}
+            return sorted(g for g in set(group_ids) if g in self._state.seen_groups or g in arriving)
 
     def snapshot_seen_groups(self, directory: str | Path) -> list[str]:
         """Snapshot, and return the ids of every group the buffer had received by then (held,
@@ -304,6 +306,7 @@ class ReplayBuffer:
             st.oldest[gid] = min(t.oldest_version() for t in group)
             buf._complete(gid, group)
         st.seen, st.dropped = set(payload["seen"]), set(payload["dropped"])
+        st.seen_groups = {tid.rsplit("/", 1)[0] for tid in st.seen}
         st.held = sum(map(len, st.incomplete.values())) + sum(map(len, st.ready.values()))
         buf._counters = _Counters(**payload["counters"])
         buf._last_staleness = list(payload["last_staleness"])

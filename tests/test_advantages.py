@@ -33,3 +33,25 @@ def test_uniform_group_and_singleton_have_zero_advantage():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="3 group ids for 2 rewards"):
         group_advantages([1.0, 2.0], [0, 0, 1])
+
+
+def test_rloo_subtracts_the_mean_of_the_other_responses():
+    from learner.advantages import advantages
+
+    rewards, groups = [1.0, 0.0, 0.0, 0.0, 2.0, 4.0, 7.0], ["a", "a", "a", "a", "b", "b", "c"]
+    adv = advantages("rloo", rewards, groups)
+    # response 0: 1 - mean(0, 0, 0) = 1; the others: 0 - mean(1, 0, 0) = -1/3; a singleton: 0
+    torch.testing.assert_close(adv, torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3, -2.0, 2.0, 0.0]))
+    assert not torch.allclose(adv, advantages("grpo", rewards, groups))
+
+
+def test_the_config_chooses_the_estimator_and_refuses_an_unknown_one():
+    from learner.advantages import advantages
+    from vespo import run_config
+    from vespo.typed_config import ConfigError
+
+    assert run_config.load(None, ["learner.advantage=rloo"]).learner.advantage == "rloo"
+    with pytest.raises(ConfigError, match="learner.advantage"):
+        run_config.load(None, ["learner.advantage=ppo"])
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        advantages("ppo", [1.0], ["a"])

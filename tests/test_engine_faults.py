@@ -11,7 +11,7 @@ import psutil
 import pytest
 import ray
 
-from bench.soak import record_handouts
+from bench.soak import pending_groups, record_handouts
 from vespo import run_config
 from vespo.controller import Controller, LearnerFailed
 
@@ -86,7 +86,7 @@ def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False
             outcome = err
         book = {
             "handed_out": handed_out,
-            "pending": set(controller.fleet.held) | {gid for gid, _ in controller.prompts.requeued},
+            "pending": pending_groups(controller, handed_out),
             "engine_version": ray.get(controller.engines[0].actor.version.remote())
             if not isinstance(outcome, Exception) else None,
             "abandoned": controller.buffer.metrics()["buffer/abandoned_groups"],

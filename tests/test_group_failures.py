@@ -91,7 +91,7 @@ class Failing(FakeEngine):
         super().__init__(*args, **kwargs)
         self.always = always or set()
 
-    def submit(self, items) -> None:
+    def submit(self, items: list[PromptItem]) -> None:
         for item in items:
             if item.group_id in self.always:
                 self.fail[item.group_id] = ("RuntimeError: engine step failed", False)
@@ -165,14 +165,17 @@ def test_a_group_that_succeeds_on_a_retry_trains_once_and_the_faults_are_on_the_
 class RefusesAll(FakeEngine):
     """Every prompt is too long for it (say, rollout.max_model_len is too small for the task)."""
 
-    def submit(self, items) -> None:
+    def submit(self, items: list[PromptItem]) -> None:
         for item in items:
             self.fail[item.group_id] = ("PromptError: too long", True)
         super().submit(items)
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_run_whose_every_prompt_is_refused_gives_up_after_the_batch_timeout(tmp_path, mode):
+    """Sync: each round ends at once with nothing to train, and the rounds must not go on for
+    ever. Async: the learner's wait times out, and meanwhile the feeder backs off instead of
+    spinning through the dataset (20 rounds a second at most, each at most the admission cap)."""
     cfg = fake_config(tmp_path, f"train.mode={mode}", "train.batch_timeout_s=1")
     buf = ReplayBuffer(cfg.buffer)
     controller = assemble(cfg, buf, [RefusesAll("engine-0", buf)], FakeLearner())
@@ -180,3 +183,5 @@ def test_a_run_whose_every_prompt_is_refused_gives_up_after_the_batch_timeout(tm
     with pytest.raises(TimeoutError, match="batch_timeout_s"):
         Running(controller).result(timeout=5)
     assert time.perf_counter() - started < 3 and controller.fleet.refused_prompts > 0
+    cap = (cfg.buffer.max_staleness + 1) * cfg.train.groups_per_step
+    assert controller.fleet.refused_prompts <= 40 * cap * (time.perf_counter() - started)

@@ -11,12 +11,15 @@ import math
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from fakes import FakeEngine, FakeLearner, FakeLogger, Running, assemble, fake_config, make_group, wait_until
 
 from buffer.replay import ReplayBuffer
+from buffer.trajectory import Trajectory
 from learner import checkpoint
+from rollout.records import PromptItem
 
 
 def live_groups(buffer: ReplayBuffer) -> int:
@@ -59,7 +62,7 @@ class Trickle(FakeEngine):
         self.release(1)
         return super().poll()
 
-    def submit(self, items) -> None:
+    def submit(self, items: list[PromptItem]) -> None:
         super().submit(items)
         self.slack.append(self.bound() - live_groups(self.buffer))
 
@@ -120,7 +123,7 @@ class Refusing(FakeEngine):
         super().__init__(*args, **kwargs)
         self.refuse = refuse
 
-    def submit(self, items) -> None:
+    def submit(self, items: list[PromptItem]) -> None:
         for item in items:
             if position(item.group_id) in self.refuse:
                 self.fail[item.group_id] = ("PromptError: too long", True)
@@ -157,7 +160,7 @@ def test_a_sync_round_that_ends_short_trains_what_it_has_and_moves_on(tmp_path, 
 class SkipsRoundEnd(FakeEngine):
     """The groups of the 2nd update of the first round come back with NaN log-probs: nothing to train."""
 
-    def group(self, item, n=None):
+    def group(self, item: PromptItem, n: int | None = None) -> list[Trajectory]:
         trajs = super().group(item, n)
         if position(item.group_id) in ("p2", "p3"):
             for t in trajs:
@@ -238,8 +241,8 @@ class FeedsWhileSaving(FakeLearner):
         super().__init__()
         self.meanwhile = lambda: None
 
-    def save_checkpoint(self, root, step, version, extra, keep):
-        def snapshot_then_feed(path):
+    def save_checkpoint(self, root: Path, step: int, version: int, extra: dict, keep: int) -> Path:
+        def snapshot_then_feed(path: Path) -> None:
             extra["buffer"](path)
             self.meanwhile()
 
@@ -290,7 +293,7 @@ def test_a_group_staler_than_the_cap_is_down_weighted_in_both_modes(tmp_path, mo
 class Corrupting(FakeEngine):
     """The first groups come back damaged: a failed reward, a NaN log-prob, a non-finite reward."""
 
-    def group(self, item, n=None):
+    def group(self, item: PromptItem, n: int | None = None) -> list[Trajectory]:
         trajs = super().group(item, n)
         where = position(item.group_id)
         if where == "p0":
@@ -318,7 +321,7 @@ def test_samples_with_a_failed_reward_or_non_finite_values_never_reach_the_learn
 
 
 class AllNaN(FakeEngine):
-    def group(self, item, n=None):
+    def group(self, item: PromptItem, n: int | None = None) -> list[Trajectory]:
         trajs = super().group(item, n)
         if position(item.group_id) in ("p0", "p1"):
             for t in trajs:

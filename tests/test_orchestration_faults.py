@@ -11,7 +11,7 @@ from fakes import FakeEngine, FakeLearner, assemble, fake_config
 
 from buffer.replay import ReplayBuffer
 from learner import checkpoint
-from vespo.contracts import EngineLost
+from vespo.contracts import Done, EngineLost
 from vespo.controller import LearnerFailed
 
 FAULTS = ["buffer.max_staleness=1", "train.steps=6"]
@@ -58,15 +58,17 @@ def check_recovered(summary, controller, engines: list[FakeEngine], events: list
     return lost
 
 
-def test_an_engine_that_dies_holding_groups_is_restarted_and_they_are_trained_once(tmp_path):
-    cfg = fake_config(tmp_path, *FAULTS)
+@pytest.mark.parametrize(("mode", "holding"), [("async", 2), ("sync", 1)])  # sync: its share of a 2-prompt round
+def test_an_engine_that_dies_holding_groups_is_restarted_and_they_are_trained_once(tmp_path, mode, holding):
+    cfg = fake_config(tmp_path, *FAULTS, f"train.mode={mode}")
     buf, events = ReplayBuffer(cfg.buffer), []
-    engines = [FakeEngine("engine-0", buf, events=events), DiesHolding("engine-1", buf, after=2, events=events)]
+    dying = DiesHolding("engine-1", buf, after=holding, events=events)
+    engines = [FakeEngine("engine-0", buf, events=events), dying]
     controller = assemble(cfg, buf, engines, FakeLearner())
     summary = controller.run(checkpoint=False)
     assert summary.steps == 6
     lost = check_recovered(summary, controller, engines, events, buf)
-    assert len(lost) == 2
+    assert len(lost) == holding
     resent = [gid for kind, _, gid in events[first(events, "restart", "engine-1") :] if kind == "submit"]
     assert resent[: len(lost)] == lost  # handed out again first, under the same group ids
 
@@ -108,8 +110,11 @@ def test_a_restarted_engine_is_fed_only_once_it_has_the_weights(tmp_path):
 class CrashesInRecovery(FakeEngine):
     """Healthy in the first broadcast, crashes in the second (the one re-sending to a restarted peer)."""
 
-    def receive_weights(self, plan: list, version: int):
-        self.crash_on_receive = int(len(self.versions_received) == 1 and not self.killed_with and self.alive)
+    broadcasts = 0
+
+    def receive_weights(self, plan: list, version: int) -> Done:
+        self.broadcasts += 1
+        self.crash_on_receive = int(self.broadcasts == 2)
         return super().receive_weights(plan, version)
 
 
@@ -149,7 +154,7 @@ class LostAt(FakeEngine):
         super().__init__(*args, **kwargs)
         self.lose_at = version
 
-    def receive_weights(self, plan: list, version: int):
+    def receive_weights(self, plan: list, version: int) -> Done:
         if version == self.lose_at:
             self.lose()
         return super().receive_weights(plan, version)

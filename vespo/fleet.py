@@ -42,6 +42,7 @@ class EngineFleet:
         self.restarting: set[int] = set()  # restarted, not yet given the current weights: fed nothing
         self.receivers: list[int] = []  # weight-group ranks each engine brings
         self.in_flight = 0  # groups inside engines at the last feed (sync rounds end when it is 0)
+        self.last_failed = 0  # groups reported failed at the last feed
         self.restarts, self.requeued = 0, []  # engine restarts; group ids requeued from dead engines
         self.refused_prompts = self.retried_groups = self.dropped_groups = 0
         self._retries: dict[str, int] = {}
@@ -64,7 +65,7 @@ class EngineFleet:
         `per_engine` groups in flight, every group admitted by the buffer first (never more
         than max_staleness versions ahead of the learner); at most `budget` new groups in all.
         Returns how many were handed out."""
-        fed, in_flight = 0, 0
+        fed, in_flight, self.last_failed = 0, 0, 0
         live = [i for i in range(len(self.engines)) if i not in self.dead and i not in self.restarting]
         for k, i in enumerate(live):
             engine = self.engines[i]
@@ -77,6 +78,7 @@ class EngineFleet:
                     self.mark_dead(i, err)
                     continue
                 self.failed(failed)
+                self.last_failed += len(failed)
                 if count < 0:  # restarted by Ray, not started yet
                     self.mark_dead(i, EngineDown(f"engine-{i} came back without an engine"))
                     continue
@@ -125,6 +127,18 @@ class EngineFleet:
         if released:
             self.buffer.abandon(released)
         self.prompts.requeue(again)
+
+    def forget_delivered(self) -> None:
+        """Stop holding groups the buffer has received (trained, waiting, or dropped as too stale):
+        neither a dead engine nor a checkpoint needs to hand those out again, and the record
+        stays as small as what is really in flight."""
+        with self._lock:
+            held = list(self.held)
+        delivered = self.buffer.seen_groups(held) if held else []
+        with self._lock:
+            for gid in delivered:
+                self.held.pop(gid, None)
+                self._retries.pop(gid, None)
 
     def settle(self, group_ids: list[str]) -> None:
         """These groups were trained on: no longer held by anyone."""

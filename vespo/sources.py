@@ -100,7 +100,8 @@ class AsyncSource(_Source):
     def _feed(self) -> None:
         try:
             while not self._stop.is_set():
-                if not self.fleet.feed(self._step, self.cfg.max_inflight_groups):
+                fed = self.fleet.feed(self._step, self.cfg.max_inflight_groups)
+                if not fed or self.fleet.last_failed:  # nothing to do, or prompts failing: do not spin
                     time.sleep(0.05)
         except BaseException as err:  # noqa: BLE001 - surfaced by the learner loop
             self.error = err
@@ -122,8 +123,11 @@ class SyncSource(_Source):
         self._budget = 0  # prompts of the current round not handed out yet
 
     def next(self, step: int) -> Batch | None:
+        since, restarts = time.perf_counter(), self.fleet.restarts
         while True:
             if self._given >= self.ratio:  # a new round, generated with the weights of this step
+                if self.weights.version != step:  # it ended short, or its last batch had nothing to train
+                    self.weights.publish(step)
                 self._given, self._budget = 0, self.ratio * self.cfg.groups_per_step
             batch = self._wait(step, lambda: self._feed(step), poll_s=0.2)
             if batch is None:
@@ -131,10 +135,15 @@ class SyncSource(_Source):
             if batch.trajectories:
                 self._given += 1
                 return batch
-            # the round ended short (refused or dropped prompts): publish what it trained, go on
-            if self._given:
-                self.weights.publish(step)
-            self._given = self.ratio
+            self._given = self.ratio  # the round ended short (refused or dropped prompts): go on to the next
+            if self.fleet.restarts != restarts:  # recovering an engine is not a stall
+                since, restarts = time.perf_counter(), self.fleet.restarts
+            elif time.perf_counter() - since > self.cfg.batch_timeout_s:
+                raise TimeoutError(
+                    f"no batch in train.batch_timeout_s={self.cfg.batch_timeout_s}s: every round ended without a "
+                    f"group to train ({self.fleet.refused_prompts} prompt(s) refused, {self.fleet.dropped_groups} "
+                    "group(s) dropped after failing)"
+                )
 
     def publish_due(self, step: int) -> bool:
         return self._given >= self.ratio

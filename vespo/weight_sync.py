@@ -59,10 +59,12 @@ class WeightSync:
 
     def _recover(self, version: int) -> bool:
         started = time.perf_counter()
-        restarted = self.fleet.restart_dead()
+        self.fleet.restart_dead()
         self.form()
         if not self._send(version):
             return False  # another engine died meanwhile: restart it too, re-form, send again
+        # every engine restarted so far, by this attempt or by one whose broadcast failed: all have the weights now
+        restarted = sorted(self.fleet.restarting)
         self.fleet.back(restarted)
         log.warning("engine(s) %s back after %.0fs", ", ".join(f"engine-{i}" for i in restarted),
                     time.perf_counter() - started)  # fmt: skip
