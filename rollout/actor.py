@@ -258,9 +258,6 @@ class RolloutActor:
     def version(self) -> int:
         return self.engine.version
 
-    def backend(self) -> str:
-        return self.engine.name
-
     def get_stats(self) -> RolloutStats:
         return self.stats
 

@@ -100,8 +100,10 @@ def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False
 
 
 @pytest.mark.parametrize(
-    "mode", ["async", "async-in-broadcast", pytest.param("sync", marks=pytest.mark.slow)]
-)  # sync: the same recovery path, left to `-m slow` to keep CI short
+    "mode",
+    ["async", pytest.param("async-in-broadcast", marks=pytest.mark.slow), pytest.param("sync", marks=pytest.mark.slow)],
+)  # the same recovery path: CI runs the async kill on the real stack; the in-broadcast and sync kills run
+# there on fakes (tests/test_orchestration_faults.py) and here with `-m slow`
 def test_killed_engine_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_path, mode):
     extra = ["train.mode=sync", "train.staleness_ratio=2", "buffer.max_staleness=1"] if mode == "sync" else []
     cfg = run_config.load(None, ["train.steps=24", *OVERRIDES, *extra, f"train.output_dir={tmp_path}"])
@@ -122,6 +124,7 @@ def test_killed_engine_is_restarted_and_nothing_is_lost_or_trained_twice(tmp_pat
     assert not orphans, f"vLLM engine processes left behind: {orphans}"
 
 
+@pytest.mark.slow  # in CI: the message on fakes (test_orchestration_faults.py), Ray's error (test_ray_components.py)
 def test_an_engine_out_of_restarts_stops_the_run_with_how_to_resume(tmp_path):
     cfg = run_config.load(None, ["train.steps=400", *OVERRIDES, f"train.output_dir={tmp_path}",
                                  "rollout.max_restarts=0", "train.checkpoint_every=2"])  # fmt: skip

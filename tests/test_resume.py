@@ -252,6 +252,7 @@ def test_a_dead_learner_rank_stops_the_run_with_how_to_resume(tmp_path):
     assert latest(tmp_path / "checkpoints").name.startswith("step_")
 
 
+@pytest.mark.slow  # in CI: a stop while no batch can come, on fakes (test_orchestration.py, both modes)
 def test_sigterm_stops_within_seconds_while_no_batch_can_arrive(tmp_path):
     """Every training prompt is too long for the engine, so no batch can ever arrive: the first
     SIGTERM must still stop the run within seconds; refused prompts must keep releasing their

@@ -72,6 +72,8 @@ class Controller:
         self.stop_reason: str | None = None  # set (e.g. by a signal) to stop after the current step
         self._stop = threading.Event()  # set when the run ends: waits and the feeder stop
         self.fatal: tuple[type[BaseException], ...] = ()  # errors that mean an actor of the run died
+        self.tokenizer, self.pad_id = None, 0  # set by setup (fakes need neither)
+        self.source = self.fleet = self.learner = self.buffer = None  # set by assemble
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -121,7 +123,6 @@ class Controller:
         weight group is formed unless `weights` is one the same engines and learner already have."""
         cfg = self.cfg
         self.engines, self.buffer, self.learner = engines, buffer, learner
-        self.pad_id = getattr(self, "pad_id", 0)
         self.task = make_task(cfg.task)
         self.prompts = PromptStream(self.task.samples("train"), seed=cfg.task.seed)
         self.eval_samples = self.task.samples("eval")[: cfg.train.eval_prompts]
@@ -271,8 +272,8 @@ class Controller:
         result = self.engines[0].generate(items, 1)
         scored = score(result.trajectories)
         self.eval_rewards.append((self.step, scored.mean_reward))
-        tokenizer, shown = getattr(self, "tokenizer", None), self.cfg.train.eval_log_samples
-        self.eval_examples = examples(result.trajectories, tokenizer, shown) if tokenizer is not None else []
+        shown = self.cfg.train.eval_log_samples
+        self.eval_examples = examples(result.trajectories, self.tokenizer, shown) if self.tokenizer is not None else []
         return {"eval/reward": scored.mean_reward, "eval/accuracy": scored.accuracy}
 
     def checkpoint(self) -> Path:
@@ -283,9 +284,11 @@ class Controller:
     def _summary(self, wall: float, path: str) -> RunSummary:
         clock = self.clock()
         return RunSummary(
-            self.step, self.weights.version, wall, path, self.logger.location if self.logger else "",
-            self.rewards, self.eval_rewards, clock["wait"] / max(wall, 1e-9), self.max_staleness_seen, clock,
-            self.stop_reason, self.trained_groups, self.fleet.restarts, self.fleet.requeued,
+            steps=self.step, version=self.weights.version, wall_s=wall, checkpoint=path,
+            wandb=self.logger.location if self.logger else "", rewards=self.rewards, eval_rewards=self.eval_rewards,
+            learner_idle_fraction=clock["wait"] / max(wall, 1e-9), max_batch_staleness=self.max_staleness_seen,
+            clock=clock, stopped=self.stop_reason, trained_groups=self.trained_groups,
+            engine_restarts=self.fleet.restarts, requeued_groups=self.fleet.requeued,
         )  # fmt: skip
 
     def _failure_message(self, err: Exception) -> str:
@@ -302,11 +305,8 @@ class Controller:
         return f"an actor of the run died at step {self.step} ({type(err).__name__}: {err}); {how}"
 
     def shutdown(self) -> None:
-        if getattr(self, "source", None) is not None:
+        if self.source is not None:
             self.source.close()
-        if getattr(self, "fleet", None) is not None:
-            self.fleet.shutdown()
-        if getattr(self, "learner", None) is not None:
-            self.learner.shutdown()
-        if getattr(self, "buffer", None) is not None:
-            self.buffer.shutdown()
+        for part in (self.fleet, self.learner, self.buffer):
+            if part is not None:
+                part.shutdown()

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--samples and --prompts must be >= 1, --examples >= 0")
         from vespo import preflight
 
-        preflight.check(dataclasses.replace(cfg, model=model or cfg.model), need_eval=True)
+        preflight.check(dataclasses.replace(cfg, model=model or cfg.model), need_eval=True, training=False)
     except (typed_config.ConfigError, ValueError, OSError, checkpoint.CheckpointError) as err:  # PreflightError too
         Console(stderr=True).print(f"[red]eval error:[/] {err}", soft_wrap=True, highlight=False)
         sys.exit(2)

@@ -42,8 +42,14 @@ class Checked:
                 f"the first renders to {self.first_prompt_tokens} tokens{long}")  # fmt: skip
 
 
-def check(cfg: RunConfig, need_eval: bool | None = None) -> Checked:
-    """Everything the driver can verify alone; raises PreflightError with a one-line reason."""
+def check(cfg: RunConfig, need_eval: bool | None = None, training: bool = True) -> Checked:
+    """Everything the driver can verify alone; raises PreflightError with a one-line reason.
+    `training=False`: for `vespo eval`, which may decode greedily."""
+    if training and cfg.rollout.temperature == 0:
+        raise PreflightError(
+            "rollout.temperature is 0 (greedy decoding): training needs sampled responses and their log-probs; "
+            "set it > 0 (only vespo eval may use 0)"
+        )
     try:
         model_path = resolve_model(cfg.model)
     except (ValueError, OSError) as err:
