@@ -127,6 +127,18 @@ class ReplayBuffer:
             self._counters.started_groups += n_groups
             return True
 
+    def admit(self, current_version: int, wanted: int) -> int:
+        """Admission for up to `wanted` groups in one call (the feeder's, once per engine per
+        round, instead of once per group): how many may start now, counted as started."""
+        with self._lock:
+            c = self._counters
+            live = c.started_groups - c.dropped_groups - c.abandoned_groups
+            per_step, n = self.cfg.admission_groups_per_step, 0
+            while n < wanted and may_start(live + n, current_version, self.cfg.max_staleness, per_step):
+                n += 1
+            c.started_groups += n
+            return n
+
     def abandon(self, n_groups: int) -> None:
         """n_groups that may_start admitted will never arrive (an engine died with them, or a
         resumed run hands them out again): without this, admission would count them as in

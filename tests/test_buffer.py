@@ -117,6 +117,17 @@ def test_abandoned_groups_free_admission_room():
     assert buf.metrics()["buffer/abandoned_groups"] == 3
 
 
+def test_admitting_many_at_once_follows_the_same_rule_as_one_at_a_time():
+    """The feeder asks once per engine per round: the answer must be what as many single asks give."""
+    one, many = (ReplayBuffer(BufferConfig(max_staleness=2, groups_per_step=3)) for _ in range(2))
+    for version, wanted in [(0, 5), (0, 10), (1, 2), (1, 9), (4, 20)]:
+        singles = 0
+        while singles < wanted and one.may_start(version):
+            singles += 1
+        assert many.admit(version, wanted) == singles
+    assert many.admit(4, 0) == 0 and many._counters.started_groups == one._counters.started_groups
+
+
 def test_blocking_get_wakes_up_when_a_group_completes():
     buf = ReplayBuffer(BufferConfig(capacity=10))
     threading.Timer(0.1, lambda: buf.put_many(group("g", 2, 0))).start()

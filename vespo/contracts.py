@@ -76,7 +76,7 @@ class Engine(Protocol):
 
 
 class Buffer(Protocol):
-    def may_start(self, current_version: int, n_groups: int = 1) -> bool: ...
+    def admit(self, current_version: int, wanted: int) -> int: ...  # how many of `wanted` may start
 
     def abandon(self, n_groups: int) -> None: ...
 

@@ -37,7 +37,11 @@ class EngineFleet:
         self.make_item = make_item
         self.group_retries, self.restart_timeout_s, self.max_restarts = group_retries, restart_timeout_s, max_restarts
         self.held: dict[str, tuple[str, int]] = {}  # group id -> (sample id, engine index)
-        self._lock = threading.Lock()  # the feeder thread hands out while the loop settles and recovers
+        # the feeder thread hands out while the loop settles, recovers and checkpoints: `_feeding` is
+        # held for one engine's round (its calls included) and by recovery; `_lock` only ever briefly,
+        # over `held`, so settling a trained batch never waits for an engine's answer
+        self._feeding = threading.Lock()
+        self._lock = threading.Lock()
         self.dead: set[int] = set()  # engines to restart
         self.restarting: set[int] = set()  # restarted, not yet given the current weights: fed nothing
         self.receivers: list[int] = []  # weight-group ranks each engine brings
@@ -69,7 +73,7 @@ class EngineFleet:
         live = [i for i in range(len(self.engines)) if i not in self.dead and i not in self.restarting]
         for k, i in enumerate(live):
             engine = self.engines[i]
-            with self._lock:
+            with self._feeding:
                 if i in self.dead or i in self.restarting:
                     continue
                 try:
@@ -86,12 +90,11 @@ class EngineFleet:
                 want = per_engine - count
                 if budget is not None:  # spread what is left over the engines not yet fed this round
                     want = min(want, math.ceil((budget - fed) / (len(live) - k)))
-                items = []
-                while want > 0 and self.buffer.may_start(version, 1):
-                    gid, sample = self.prompts.next()
-                    self.held[gid] = (sample.id, i)
-                    items.append(self.make_item(gid, sample))
-                    want -= 1
+                admitted = self.buffer.admit(version, int(want)) if want > 0 else 0
+                taken = [self.prompts.next() for _ in range(admitted)]
+                with self._lock:
+                    self.held.update({gid: (sample.id, i) for gid, sample in taken})
+                items = [self.make_item(gid, sample) for gid, sample in taken]
                 if items:
                     engine.submit(items)  # if the engine dies with them, recovery requeues them
                     fed += len(items)
@@ -105,7 +108,8 @@ class EngineFleet:
         (faults/*), and each frees its admission slot, or enough of them would stop feeding."""
         again, released = [], 0
         for gid, why, refused in failures:
-            held = self.held.pop(gid, None)
+            with self._lock:
+                held = self.held.pop(gid, None)
             if held is None:
                 continue  # already accounted for (an engine recovery requeued it)
             released += 1
@@ -116,7 +120,8 @@ class EngineFleet:
                     log.warning("prompt refused (%d so far, never retried): %s", self.refused_prompts, why)
             elif tries >= self.group_retries:
                 self.dropped_groups += 1
-                self._retries.pop(gid, None)
+                with self._lock:
+                    self._retries.pop(gid, None)
                 log.error("group %s dropped after %d attempt(s): %s", gid, tries + 1, why)
             else:
                 self._retries[gid] = tries + 1
@@ -168,7 +173,7 @@ class EngineFleet:
             info = self.engines[i].restart(self.restart_timeout_s)
             self.engines[i].set_buffer(self.buffer)  # the restart got the buffer it was created with
             log.warning("engine-%d restarted (%s engine up in %.0fs)", i, info["backend"], info["startup_s"])
-        with self._lock:  # never in neither set: the feeder would feed it before it has the weights
+        with self._feeding:  # never in neither set: the feeder would feed it before it has the weights
             self.restarting.update(dead)
             self.dead.difference_update(dead)
         return dead
@@ -177,7 +182,7 @@ class EngineFleet:
         """These engines have the current weights: feed them again, and hand out again what they
         held that the buffer never received (none lost; none generated twice, since a group
         reaches the buffer whole or not at all)."""
-        with self._lock:
+        with self._feeding, self._lock:
             held = [gid for gid, (_, e) in self.held.items() if e in engines] if requeue else []
             delivered = set(self.buffer.seen_groups(held)) if held else set()
             lost = [gid for gid in held if gid not in delivered]
@@ -200,7 +205,7 @@ class EngineFleet:
         and those waiting to be handed out again (the buffer's admission count let go of them).
         Recorded apart, a prompt handed out in between is counted in the position but in neither
         list, and is never generated; or admitted after the snapshot and let go of twice."""
-        with self._lock:
+        with self._feeding, self._lock:
             seen = set(snapshot())
             in_flight = [[gid, sid] for gid, (sid, _) in self.held.items() if gid not in seen]
             waiting = [[gid, sample.id] for gid, sample in self.prompts.requeued]

@@ -118,8 +118,8 @@ class RayBuffer:
     def __init__(self, actor):
         self.actor = actor
 
-    def may_start(self, current_version: int, n_groups: int = 1) -> bool:
-        return ray.get(self.actor.may_start.remote(current_version, n_groups))
+    def admit(self, current_version: int, wanted: int) -> int:
+        return ray.get(self.actor.admit.remote(current_version, wanted))
 
     def abandon(self, n_groups: int) -> None:
         ray.get(self.actor.abandon.remote(n_groups))
