@@ -34,7 +34,7 @@ class _Source:
     def _wait(self, step: int, feed: Callable[[], bool] | None = None, poll_s: float = 1.0) -> Batch | None:
         """Wait for groups_per_step fresh whole groups, checking for a stop every `poll_s`
         (None: stopped). `feed` runs each turn and returns True once nothing more can arrive;
-        then a smaller batch of what is there is taken (none: None is not returned, the round ends)."""
+        then what is there is taken, possibly nothing (an empty batch: the round is over)."""
         started = waiting_since = time.perf_counter()
         try:
             while not self.stopping():
