@@ -119,10 +119,7 @@ class ReplayBuffer:
         """Admission: True (and the groups are counted as started) if generating n_groups more
         groups now keeps them within max_staleness versions of the learner."""
         with self._lock:
-            c = self._counters
-            live = c.started_groups - c.dropped_groups - c.abandoned_groups
-            per_step = self.cfg.admission_groups_per_step
-            if not may_start(live + n_groups - 1, current_version, self.cfg.max_staleness, per_step):
+            if self._admissible(current_version, n_groups) < n_groups:
                 return False
             self._counters.started_groups += n_groups
             return True
@@ -131,13 +128,18 @@ class ReplayBuffer:
         """Admission for up to `wanted` groups in one call (the feeder's, once per engine per
         round, instead of once per group): how many may start now, counted as started."""
         with self._lock:
-            c = self._counters
-            live = c.started_groups - c.dropped_groups - c.abandoned_groups
-            per_step, n = self.cfg.admission_groups_per_step, 0
-            while n < wanted and may_start(live + n, current_version, self.cfg.max_staleness, per_step):
-                n += 1
-            c.started_groups += n
+            n = self._admissible(current_version, wanted)
+            self._counters.started_groups += n
             return n
+
+    def _admissible(self, current_version: int, wanted: int) -> int:
+        """How many of `wanted` more groups the rule lets start now (caller holds the lock)."""
+        c = self._counters
+        live = c.started_groups - c.dropped_groups - c.abandoned_groups
+        per_step, n = self.cfg.admission_groups_per_step, 0
+        while n < wanted and may_start(live + n, current_version, self.cfg.max_staleness, per_step):
+            n += 1
+        return n
 
     def abandon(self, n_groups: int) -> None:
         """n_groups that may_start admitted will never arrive (an engine died with them, or a

@@ -220,8 +220,7 @@ class Controller:
 
     def _settle(self, batch) -> None:
         groups = list(dict.fromkeys(t.group_id for t in batch.trajectories))
-        self.fleet.settle(groups)
-        self.fleet.forget_delivered()
+        self.fleet.forget_delivered()  # the trained groups among them
         self.trained_groups += groups
 
     def after_step(self, screened, metrics: dict[str, float]) -> None:

@@ -136,19 +136,12 @@ class EngineFleet:
     def forget_delivered(self) -> None:
         """Stop holding groups the buffer has received (trained, waiting, or dropped as too stale):
         neither a dead engine nor a checkpoint needs to hand those out again, and the record
-        stays as small as what is really in flight."""
+        stays as small as what is really in flight. Every trained group is among them."""
         with self._lock:
             held = list(self.held)
         delivered = self.buffer.seen_groups(held) if held else []
         with self._lock:
             for gid in delivered:
-                self.held.pop(gid, None)
-                self._retries.pop(gid, None)
-
-    def settle(self, group_ids: list[str]) -> None:
-        """These groups were trained on: no longer held by anyone."""
-        with self._lock:
-            for gid in group_ids:
                 self.held.pop(gid, None)
                 self._retries.pop(gid, None)
 
