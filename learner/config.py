@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field
 
 from configtypes import AtLeast0, AtLeast1, NonNegative, Positive, section
+from configtypes.cores import Cores
 from learner import advantages
 from learner.objectives import check_objective, make_config
 
@@ -43,6 +44,9 @@ class LearnerConfig:
     normalize_adv_std: bool = True  # GRPO advantages divided by the group std
     num_cpus_per_worker: NonNegative = 1.0
     num_gpus_per_worker: NonNegative = 0.0
+    # the cores of each rank (rank r takes cpu_cores[r]), each as many as num_cpus_per_worker;
+    # empty: the run picks them (train.pin_cores) or leaves the rank unpinned
+    cpu_cores: list[Cores] = field(default_factory=list)
     _derived: tuple[str, ...] = field(default=(), repr=False, compare=False)  # keys the run config filled in
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from buffer.replay import Batch
 from buffer.trajectory import Trajectory
+from configtypes.cores import held_cores, pin_process
 from learner import checkpoint
 from learner.advantages import advantages
 from learner.batching import TrainBatch, collate
@@ -35,6 +36,7 @@ class _RankActor(LearnerWorker):
 
     def __init__(self, cfg: LearnerConfig, rank: int):  # noqa: D107 - deferred on purpose
         self.cfg, self.rank = cfg, rank
+        self.cores = pin_process(cfg.cpu_cores[rank]) if cfg.cpu_cores else held_cores()
 
     def host_rendezvous(self, secret: str, host: str | None) -> tuple[str, int]:
         """Rank 0: start the group's authenticated store on `host` (default: this node's Ray
@@ -42,9 +44,10 @@ class _RankActor(LearnerWorker):
         self._store_server = host_store(host or ray.util.get_node_ip_address(), secret)
         return self._store_server.address
 
-    def setup(self, store: tuple[str, int], secret: str) -> int:
+    def setup(self, store: tuple[str, int], secret: str) -> list[int]:
+        """Join the group; returns the cores this rank runs on."""
         LearnerWorker.__init__(self, self.cfg, self.rank, tuple(store), secret)
-        return self.rank
+        return self.cores
 
     def refused(self) -> tuple[int, list[str]]:
         """Connections to this rank's stores that did not prove their secret: how many, and
@@ -99,7 +102,7 @@ class LearnerGroup:
         secret = secrets.token_hex(32)
         store = ray.get(self.workers[0].host_rendezvous.remote(secret, loopback_if_one_node()))
         log.info("learner group: rendezvous at %s:%d; ranks must prove the group's secret", *store)
-        ray.get([w.setup.remote(store, secret) for w in self.workers])
+        self.cores = ray.get([w.setup.remote(store, secret) for w in self.workers])
 
     def rebuild(self, cfg: LearnerConfig) -> None:
         """Every rank starts over from cfg (model, fresh optimizer, objective, seed); see

@@ -16,6 +16,7 @@ import torch
 
 from buffer import columnar
 from buffer.trajectory import Trajectory
+from configtypes.cores import held_cores, pin_process
 from rollout.config import RolloutConfig
 from rollout.engine import Engine, start_engine
 from rollout.records import Completion, PromptItem, RolloutResult
@@ -51,7 +52,11 @@ class EngineNotStarted(RuntimeError):
 
 
 class RolloutActor:
-    def __init__(self, cfg: RolloutConfig, task: TaskConfig | None = None, engine_id: str = "engine-0", buffer=None):
+    def __init__(self, cfg: RolloutConfig, task: TaskConfig | None = None, engine_id: str = "engine-0", buffer=None,
+                 cores: list[int] | None = None):  # fmt: skip
+        """`cores`: this engine's own cores; bound before vLLM starts, so its engine process and
+        OpenMP threads inherit them."""
+        self.cores = pin_process(cores) if cores else held_cores()
         self.cfg = cfg
         self.engine_id = engine_id
         self.task_cfg = task
@@ -74,7 +79,7 @@ class RolloutActor:
             self.rewards = RewardPool(self.task_cfg)
         self.engine = await start_engine(self.cfg)
         return {"engine_id": self.engine_id, "backend": self.engine.name, "startup_s": time.perf_counter() - started,
-                "receivers": self.engine.num_receivers}  # fmt: skip
+                "receivers": self.engine.num_receivers, "cores": self.cores}  # fmt: skip
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -272,8 +277,9 @@ class RolloutActor:
 
 
 def rollout_actor(
-    cfg: RolloutConfig, task: TaskConfig | None = None, engine_id: str = "engine-0", buffer=None, **options
-):
+    cfg: RolloutConfig, task: TaskConfig | None = None, engine_id: str = "engine-0", buffer=None,
+    cores: list[int] | None = None, **options,
+):  # fmt: skip
     """A started-later RolloutActor handle (call `start` and wait for it before anything else)."""
     import os
 
@@ -284,4 +290,4 @@ def rollout_actor(
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
     options.setdefault("runtime_env", {"env_vars": env})
     options.setdefault("max_restarts", cfg.max_restarts)  # calls in flight at a death fail, not retried
-    return remote.options(**options).remote(cfg, task, engine_id, buffer)
+    return remote.options(**options).remote(cfg, task, engine_id, buffer, cores)

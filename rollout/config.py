@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Annotated, Literal
 
 from pydantic import Field
 
 from configtypes import AtLeast0, AtLeast1, ConfigError, NonNegative, Positive, section
+from configtypes.cores import Cores
 
 Backend = Literal["vllm", "transformers", "auto"]
 # what rollout.engine.resolve_dtype turns into a torch dtype
@@ -39,12 +41,22 @@ class RolloutConfig:
     # Ray resources of one engine actor
     num_cpus: NonNegative = 1.0
     num_gpus: NonNegative = 0.0
+    # the cores of each engine (engine i takes cpu_cores[i]), each as many as num_cpus; empty: the
+    # run picks disjoint ones on a one-machine CPU cluster (train.pin_cores), else not pinned
+    cpu_cores: list[Cores] = field(default_factory=list)
     # Ray restarts a dead engine actor up to this many times in a run (the controller then
     # re-forms the weight group, sends current weights and requeues the prompts it held);
     # one death more stops the run with how to resume.
     max_restarts: AtLeast0 = 3
+    # throughput benchmarks only: every response's length is drawn from a log-normal law of this
+    # median (tokens) and log-space spread, clipped at max_new_tokens, and imposed on vLLM with
+    # min_tokens = max_tokens; 0 leaves lengths to the model (end-of-sequence), as training wants
+    imposed_median_tokens: AtLeast0 = 0
+    imposed_length_sigma: Positive = 1.0
 
     def __post_init__(self) -> None:
+        if self.imposed_median_tokens and self.backend == "transformers":
+            raise ConfigError("rollout.imposed_median_tokens needs rollout.backend vllm (it sets vLLM's min_tokens)")
         if self.max_model_len <= self.max_new_tokens:
             raise ConfigError(
                 f"rollout.max_model_len ({self.max_model_len}) must exceed rollout.max_new_tokens "

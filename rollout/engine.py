@@ -10,6 +10,8 @@ swap waits until in-flight requests finish.
 from __future__ import annotations
 
 import logging
+import math
+import random
 from typing import Protocol
 
 import torch
@@ -78,6 +80,16 @@ async def start_engine(cfg: RolloutConfig) -> Engine:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def imposed_lengths(cfg: RolloutConfig, request_id: str, n: int) -> list[int]:
+    """n response lengths from a log-normal law (median rollout.imposed_median_tokens, log-space
+    spread rollout.imposed_length_sigma), clipped to [1, max_new_tokens]: most responses short,
+    a few at the cap, as in reasoning RL. Drawn from a generator seeded by rollout.seed and the
+    request id, so the same request always gets the same lengths."""
+    rng = random.Random(f"{cfg.seed}/{request_id}")
+    median, sigma = cfg.imposed_median_tokens, cfg.imposed_length_sigma
+    return [min(cfg.max_new_tokens, max(1, round(median * math.exp(sigma * rng.gauss(0, 1))))) for _ in range(n)]
 
 
 def resolve_dtype(cfg: RolloutConfig) -> torch.dtype:

@@ -21,6 +21,7 @@ BAD = [
     ("model=''", "model must not be empty"),
     # train
     ("train.mode=fast", "train.mode must be 'async' or 'sync', got 'fast'"),
+    ("train.pin_cores=sometimes", "train.pin_cores: expected true or false, got 'sometimes'"),
     ("train.staleness_ratio=0", "train.staleness_ratio must be >= 1, got 0"),
     ("train.steps=0", "train.steps must be >= 1, got 0"),
     ("train.groups_per_step=0", "train.groups_per_step must be >= 1, got 0"),
@@ -73,6 +74,9 @@ BAD = [
     ("rollout.num_cpus=-1", "rollout.num_cpus must be >= 0, got -1"),
     ("rollout.num_gpus=-1", "rollout.num_gpus must be >= 0, got -1"),
     ("rollout.max_restarts=-1", "rollout.max_restarts must be >= 0, got -1"),
+    ("rollout.cpu_cores=[[-1]]", "rollout.cpu_cores[0][0] must be >= 0, got -1"),
+    ("rollout.imposed_median_tokens=-1", "rollout.imposed_median_tokens must be >= 0, got -1"),
+    ("rollout.imposed_length_sigma=0", "rollout.imposed_length_sigma must be > 0, got 0"),
     # learner
     ("learner.world_size=0", "learner.world_size must be >= 1, got 0"),
     ("learner.zero_stage=4", "learner.zero_stage must be 0, 1, 2 or 3, got 4"),
@@ -90,6 +94,7 @@ BAD = [
     ("learner.temperature=0", "learner.temperature must be > 0, got 0"),
     ("learner.advantage=ppo", "learner.advantage: unknown advantage estimator 'ppo'; choose one of grpo"),
     ("learner.normalize_adv_std=maybe", "learner.normalize_adv_std: expected true or false, got 'maybe'"),
+    ("learner.cpu_cores=[[]]", "learner.cpu_cores[0] must hold at least 1 item(s), got 0"),
     ("learner.num_cpus_per_worker=-1", "learner.num_cpus_per_worker must be >= 0, got -1"),
     ("learner.num_gpus_per_worker=-1", "learner.num_gpus_per_worker must be >= 0, got -1"),
     # buffer

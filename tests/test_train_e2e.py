@@ -45,6 +45,9 @@ def test_training_runs_end_to_end(tmp_path, mode):
     assert summary.version == 4  # a broadcast after every step (async), after every N=2 steps (sync)
     assert summary.max_batch_staleness <= cfg.buffer.max_staleness
     assert len(summary.rewards) == 4 and all(0.0 <= r <= 1.0 for r in summary.rewards)
+    if len(os.sched_getaffinity(0)) >= 2:  # the engine and the learner rank ran on cores of their own
+        engine, rank = summary.cores["engine-0"], summary.cores["learner-0"]
+        assert engine and rank and not set(engine) & set(rank), summary.cores
 
     ckpt = Path(summary.checkpoint)
     meta = json.loads((ckpt / "meta.json").read_text())

@@ -55,6 +55,7 @@ class RunSummary:
     trained_groups: list[str] = field(default_factory=list)  # group ids in the order they were trained
     engine_restarts: int = 0  # engine actors Ray restarted during the run (each recovered)
     requeued_groups: list[str] = field(default_factory=list)  # prompts a dead engine held, handed out again
+    cores: dict[str, list[int]] = field(default_factory=dict)  # the CPU cores each engine / learner rank ran on
 
     @property
     def learner_busy_fraction(self) -> float:
@@ -109,9 +110,9 @@ class Controller:
         cfg.rollout.model_path = cfg.learner.model_path = resolve_model(cfg.model)
         tokenizer = AutoTokenizer.from_pretrained(cfg.learner.model_path)
         self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        engines, buffer = ray_components.start_actors(cfg, str(found / "buffer") if found else None)
+        engines, buffer, rank_cores = ray_components.start_actors(cfg, str(found / "buffer") if found else None)
         starting = [e.start() for e in engines]  # engines and learner ranks start at the same time
-        learner = ray_components.start_learner(cfg)
+        learner = ray_components.start_learner(cfg, rank_cores)
         self.assemble(engines, buffer, learner, self._render, [p.result() for p in starting], found)
 
     def _render(self, gid: str, sample) -> object:
@@ -287,8 +288,13 @@ class Controller:
             wandb=self.logger.location if self.logger else "", rewards=self.rewards, eval_rewards=self.eval_rewards,
             learner_idle_fraction=clock["wait"] / max(wall, 1e-9), max_batch_staleness=self.max_staleness_seen,
             clock=clock, stopped=self.stop_reason, trained_groups=self.trained_groups,
-            engine_restarts=self.fleet.restarts, requeued_groups=self.fleet.requeued,
+            engine_restarts=self.fleet.restarts, requeued_groups=self.fleet.requeued, cores=self._cores(),
         )  # fmt: skip
+
+    def _cores(self) -> dict[str, list[int]]:
+        engines = {info["engine_id"]: info["cores"] for info in self.fleet.infos if "cores" in info}
+        ranks = {f"learner-{r}": c for r, c in enumerate(getattr(self.learner, "cores", []))}
+        return engines | ranks
 
     def _failure_message(self, err: Exception) -> str:
         root = self.checkpoint_root

@@ -59,7 +59,8 @@ class EngineFleet:
         """What each engine's start() returned: its backend, start-up time, weight-group ranks."""
         if not quiet:
             for info in infos:
-                log.info("%s: %s engine up in %.0fs", info["engine_id"], info["backend"], info["startup_s"])
+                where = f" on cores {info['cores']}" if "cores" in info else ""
+                log.info("%s: %s engine up in %.0fs%s", info["engine_id"], info["backend"], info["startup_s"], where)
         self.infos, self.receivers = infos, [info["receivers"] for info in infos]
 
     # -- feeding ----------------------------------------------------------------------------

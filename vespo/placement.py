@@ -230,3 +230,50 @@ def cpus_needed(cfg: Any) -> float:
     """CPUs the run's actors ask Ray for in all (engines and learner ranks)."""
     d = demand_of(cfg)
     return d.engines * d.cpus_per_engine + d.learner_ranks * d.cpus_per_rank
+
+
+def check_cores(cfg: Any) -> None:
+    """Named cores must be one list per engine / rank, as many as Ray is told each uses, and
+    never shared between two of them (pinning two roles to one core is the contention it
+    is there to prevent)."""
+    owners: dict[int, str] = {}
+    for key, lists, count, cpus in (
+        ("rollout.cpu_cores", cfg.rollout.cpu_cores, cfg.train.num_engines, cfg.rollout.num_cpus),
+        ("learner.cpu_cores", cfg.learner.cpu_cores, cfg.learner.world_size, cfg.learner.num_cpus_per_worker),
+    ):
+        if not lists:
+            continue
+        per = "train.num_engines" if key.startswith("rollout") else "learner.world_size"
+        share = "rollout.num_cpus" if key.startswith("rollout") else "learner.num_cpus_per_worker"
+        if len(lists) != count:
+            raise ConfigError(f"{key} has {len(lists)} core list(s) but {per} is {count}: give one list each")
+        for i, cores in enumerate(lists):
+            if len(set(cores)) != cpus:
+                raise ConfigError(
+                    f"{key}[{i}] names {len(set(cores))} core(s) but {share} is {cpus:g}: Ray's CPU accounting "
+                    "must agree with the cores each actor holds"
+                )
+            for c in cores:
+                if c in owners and owners[c] != f"{key}[{i}]":
+                    raise ConfigError(f"{key}[{i}] and {owners[c]} both name core {c}: each core has one owner")
+                owners[c] = f"{key}[{i}]"
+
+
+def assign_cores(available: list[int], engines: int, cpus_per_engine: float, ranks: int,
+                 cpus_per_rank: float) -> tuple[list[list[int]], list[list[int]]] | str:  # fmt: skip
+    """Disjoint cores for every engine and learner rank, as many as Ray counts for each: engines
+    from the first core up, ranks from the last down, what is left (if any) for the driver and
+    the buffer. Returns why not instead, when the counts are fractional or do not fit."""
+    if any(c != int(c) or c < 1 for c in (cpus_per_engine, cpus_per_rank)):
+        return (
+            f"rollout.num_cpus {cpus_per_engine:g} / learner.num_cpus_per_worker {cpus_per_rank:g} "
+            "are not whole cores"
+        )
+    e, r = int(cpus_per_engine), int(cpus_per_rank)
+    need = engines * e + ranks * r
+    if need > len(available):
+        return f"{engines} engine(s) x {e} + {ranks} rank(s) x {r} cores need {need}, this machine has {len(available)}"
+    cores = sorted(available)
+    engine_cores = [cores[i * e : (i + 1) * e] for i in range(engines)]
+    rank_cores = [cores[len(cores) - (i + 1) * r : len(cores) - i * r] for i in range(ranks)]
+    return engine_cores, rank_cores

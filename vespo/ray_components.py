@@ -7,6 +7,8 @@ rank's failure, a bug) passes through unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,7 +23,18 @@ from learner.group import LearnerGroup
 from rollout.actor import EngineNotStarted, rollout_actor
 from rollout.records import PromptItem, RolloutResult
 from vespo.contracts import EngineDown, EngineLost
-from vespo.placement import PlacementError, cluster_from_ray, cpus_needed, demand_of, plan, role_options
+from vespo.placement import (
+    PlacementError,
+    assign_cores,
+    cluster_from_ray,
+    cpus_needed,
+    demand_of,
+    plan,
+    role_options,  # fmt: skip
+)
+from weightsync.protocol import node_ip
+
+log = logging.getLogger(__name__)
 
 _GONE = (ray.exceptions.RayActorError, EngineNotStarted)
 
@@ -151,21 +164,46 @@ class RayLearner(LearnerGroup):
         return RayPending(super().broadcast_weights(wire_plan))
 
 
-def start_actors(cfg, restore_buffer: str | None = None) -> tuple[list[RayEngine], RayBuffer]:
+def start_actors(cfg, restore_buffer: str | None = None) -> tuple[list[RayEngine], RayBuffer, list[list[int]]]:
     """Ray first (or the cluster the config names), the layout checked against it, then the
-    buffer and the engine actors (their engines are started by the caller, all at once)."""
+    buffer and the engine actors (their engines are started by the caller, all at once).
+    Returns the learner ranks' cores too (empty: not pinned), for start_learner."""
     init_ray(cfg)
     check_resources(cfg)
+    engine_cores, rank_cores = choose_cores(cfg)
     resources = ray.cluster_resources()
     buffer = RayBuffer(buffer_actor(cfg.buffer, restore_from=restore_buffer))
     engines = [RayEngine(rollout_actor(cfg.rollout, cfg.task, f"engine-{i}", buffer.actor,
+                                       cores=engine_cores[i] if engine_cores else None,
                                        **role_options(resources, "rollout")), f"engine-{i}")
                for i in range(cfg.train.num_engines)]  # fmt: skip
-    return engines, buffer
+    return engines, buffer, rank_cores
 
 
-def start_learner(cfg) -> RayLearner:
-    return RayLearner(cfg.learner, role_options(ray.cluster_resources(), "learner").get("resources"))
+def choose_cores(cfg) -> tuple[list[list[int]], list[list[int]]]:
+    """Each engine's and learner rank's cores: the config's (rollout.cpu_cores, learner.cpu_cores),
+    else, with train.pin_cores on a one-machine CPU cluster (the driver's: the only case
+    where one process sees every actor's cores), disjoint ones from placement.assign_cores.
+    Never written back into the config: a resumed run on another machine chooses its own. On
+    GPU nodes each role already has its own devices (Ray's GPU accounting)."""
+    named = cfg.rollout.cpu_cores, cfg.learner.cpu_cores
+    if not cfg.train.pin_cores or any(named):
+        return named
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) != 1 or alive[0]["Resources"].get("GPU") or alive[0]["NodeManagerAddress"] != node_ip():
+        return [], []
+    got = assign_cores(sorted(os.sched_getaffinity(0)), cfg.train.num_engines, cfg.rollout.num_cpus,
+                       cfg.learner.world_size, cfg.learner.num_cpus_per_worker)  # fmt: skip
+    if isinstance(got, str):
+        log.warning("cores not pinned (engines and learner ranks share them): %s", got)
+        return [], []
+    log.info("cores: engines %s, learner ranks %s", *got)
+    return got
+
+
+def start_learner(cfg, rank_cores: list[list[int]] | None = None) -> RayLearner:
+    learner_cfg = dataclasses.replace(cfg.learner, cpu_cores=rank_cores) if rank_cores else cfg.learner
+    return RayLearner(learner_cfg, role_options(ray.cluster_resources(), "learner").get("resources"))
 
 
 def new_buffer(cfg) -> RayBuffer:

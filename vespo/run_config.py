@@ -17,7 +17,7 @@ from buffer.config import BufferConfig
 from learner.config import LearnerConfig
 from rollout.config import RolloutConfig
 from rollout.tasks.registry import TaskConfig
-from vespo import typed_config
+from vespo import placement, typed_config
 from vespo.run_logger import WandbConfig
 from vespo.typed_config import AtLeast0, AtLeast1, ConfigError, NonEmpty, Positive, section
 
@@ -44,6 +44,9 @@ class TrainConfig:
     engine_restart_timeout_s: Positive = 600.0  # how long a dead engine may take to come back (Ray restart + start)
     group_retries: AtLeast0 = 2  # a group that fails inside a live engine is handed out again this often, then dropped
     keep_checkpoints: AtLeast0 = 3  # complete checkpoints kept (the newest); 0 keeps all
+    # on a one-machine CPU cluster each engine and learner rank gets cores of its own
+    # (placement.assign_cores), unless rollout.cpu_cores / learner.cpu_cores name them; false: none pinned
+    pin_cores: bool = True
     ray_address: NonEmpty | None = None  # None: start a local Ray (or use RAY_ADDRESS / an initialised Ray)
 
 
@@ -81,6 +84,7 @@ class RunConfig:
                 f"buffer.capacity {self.buffer.capacity} is below one step's {needed} trajectories "
                 "(train.groups_per_step x rollout.n, x train.staleness_ratio in sync mode)"
             )
+        placement.check_cores(self)
         if self.rollout.temperature > 0:  # 0 is greedy evaluation: no policy for a learner to score
             self.learner = typed_config.derive(
                 self.learner, "temperature", self.rollout.temperature, "rollout.temperature",
