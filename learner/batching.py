@@ -1,8 +1,9 @@
 """From trajectories to padded tensors, and from a batch to micro-batches under a token budget.
 
 Micro-batches are cut from rows sorted by length, so each one pads only to the longest of
-similar-length rows: padding waste stays small without packing sequences together (which
-would need attention masks per segment). Pure functions, tested without a model.
+similar-length rows. This is the padded path (`learner.pack_sequences: false`); by default
+learner.packing lays several sequences into each row instead, and these padded tensors remain
+the layout the objectives consume. Pure functions, tested without a model.
 """
 
 from __future__ import annotations

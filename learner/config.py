@@ -34,7 +34,10 @@ class LearnerConfig:
     eps: Positive = 1e-8
     warmup_steps: AtLeast0 = 0  # linear warm-up from 0 to lr, then constant
     grad_clip: NonNegative = 1.0  # max global grad norm; 0 disables
-    micro_batch_tokens: AtLeast1 = 8192  # token budget (rows x padded length) of one forward/backward
+    micro_batch_tokens: AtLeast1 = 8192  # token budget (rows x row length) of one forward/backward
+    # several sequences per row, each attending only to itself (learner/packing.py), so no compute
+    # goes to padding; False pads every row to the longest of its micro-batch
+    pack_sequences: bool = True
     bf16: bool = False  # on GPU: bf16 weights and activations with fp32 master weights
     seed: AtLeast0 = 0
     # the temperature of the policy the learner scores, which must be the engines' (log-probs are of

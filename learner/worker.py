@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from learner.batching import TrainBatch, micro_batches, trim
+from learner.batching import TrainBatch
 from learner.checkpoint_deepspeed import WeightsOnlyCheckpointEngine, load_rng, save_rng
 from learner.checkpoint_reader import DEEPSPEED_TAG, CheckpointError
 from learner.config import LearnerConfig
 from learner.deepspeed_config import deepspeed_config
 from learner.logprobs import token_logprobs
 from learner.objectives import compute_loss, make_config
+from learner.packing import PackedRows, micro_batches_of, packed_token_logprobs
 from learner.process_group import host_store, join_default_group
 from weightsync.protocol import backend_for
 
@@ -140,16 +141,14 @@ class LearnerWorker:
         return self._forward_backward(batch, totals, backward=False)
 
     def _forward_backward(self, batch: TrainBatch, totals: dict[str, float], backward: bool) -> dict[str, float]:
-        lengths = batch.attention_mask.sum(-1).tolist()
         sums: dict[str, float] = {}
         extremes: dict[str, float] = {}
-        weight_total = 0.0
+        weight_total, computed = 0.0, 0
         clock = {"perf/forward_s": 0.0, "perf/objective_s": 0.0, "perf/backward_s": 0.0}
-        for rows in micro_batches(lengths, self.cfg.micro_batch_tokens):
-            micro = trim(batch.rows(rows))
+        for _, micro, packed in self._micro_batches(batch, backward):
             t0 = time.perf_counter()
-            ids, attn = micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
-            logprobs = token_logprobs(self.engine, ids, attn, self.cfg.policy_temperature)
+            logprobs = self._logprobs(micro, packed)
+            computed += micro.input_ids.numel() if packed is None else packed.computed_tokens
             t1 = time.perf_counter()
             mask = micro.response_mask.to(self.device)
             behavior, is_weights = micro.behavior_logprobs.to(self.device), None
@@ -189,6 +188,7 @@ class LearnerWorker:
         out.update(extremes)
         out["actor/loss"] = sums.get("loss_share", 0.0)  # this rank's part of the batch loss
         out.update(clock)
+        out["perf/padding_frac"] = 1.0 - float(batch.attention_mask.sum()) / max(computed, 1)
         versions = batch.token_versions[batch.token_versions >= 0]
         if versions.numel():
             lag = (self.step_count - versions).float()  # learner version minus sampling version, per token
@@ -204,12 +204,34 @@ class LearnerWorker:
         """pi_old: the current policy's log-probs of every token, (B, L-1), micro-batched."""
         self.engine.eval()
         out = torch.zeros_like(batch.behavior_logprobs)
-        for rows in micro_batches(batch.attention_mask.sum(-1).tolist(), self.cfg.micro_batch_tokens):
-            micro = trim(batch.rows(rows))
-            ids, attn = micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
-            lp = token_logprobs(self.engine, ids, attn, self.cfg.policy_temperature)
+        for rows, micro, packed in self._micro_batches(batch, backward=False):
+            lp = self._logprobs(micro, packed)
             out[torch.tensor(rows).unsqueeze(-1), torch.arange(lp.shape[1])] = lp.float().cpu()
         return out
+
+    def _micro_batches(self, batch: TrainBatch, backward: bool):
+        """This rank's micro-batches (learner.packing.micro_batches_of). Under ZeRO 2 and 3 each
+        forward/backward holds collectives (gradient reduce-scatters, parameter gathers) and
+        ranks cut their shards independently: a rank with fewer micro-batches than another
+        then runs forwards (and backwards) of two tokens with zero loss, which take part in
+        the collectives and add nothing to any gradient."""
+        parts = list(micro_batches_of(batch, self.cfg.micro_batch_tokens, self.cfg.pack_sequences))
+        count = torch.tensor([len(parts)], device=self.device)
+        if self.cfg.world_size > 1 and self.cfg.zero_stage >= 2:
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        yield from parts
+        for _ in range(int(count.item()) - len(parts)):
+            ids = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+            lp = token_logprobs(self.engine, ids, torch.ones_like(ids))
+            if backward:
+                self.engine.backward(lp.sum() * 0.0, scale_wrt_gas=False)
+
+    def _logprobs(self, micro: TrainBatch, packed: PackedRows | None) -> torch.Tensor:
+        """(rows, L-1) log-probs of a micro-batch in its padded layout, computed packed or padded."""
+        if packed is not None:
+            return packed_token_logprobs(self.engine, packed.to(self.device), self.cfg.policy_temperature)
+        ids, attn = micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
+        return token_logprobs(self.engine, ids, attn, self.cfg.policy_temperature)
 
     def _share(self, micro: TrainBatch, totals: dict[str, float]) -> float:
         """This micro-batch's weight in the whole batch's aggregate (see row weights in

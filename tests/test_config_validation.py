@@ -94,6 +94,7 @@ BAD = [
     ("learner.temperature=0", "learner.temperature must be > 0, got 0"),
     ("learner.advantage=ppo", "learner.advantage: unknown advantage estimator 'ppo'; choose one of grpo"),
     ("learner.normalize_adv_std=maybe", "learner.normalize_adv_std: expected true or false, got 'maybe'"),
+    ("learner.pack_sequences=maybe", "learner.pack_sequences: expected true or false, got 'maybe'"),
     ("learner.cpu_cores=[[]]", "learner.cpu_cores[0] must hold at least 1 item(s), got 0"),
     ("learner.num_cpus_per_worker=-1", "learner.num_cpus_per_worker must be >= 0, got -1"),
     ("learner.num_gpus_per_worker=-1", "learner.num_gpus_per_worker must be >= 0, got -1"),
