@@ -8,19 +8,24 @@ import ray
 from buffer import columnar
 from buffer.config import BufferConfig
 from buffer.replay import Batch, ReplayBuffer
+from configtypes.cores import bind_threads
 
 
-def buffer_actor(cfg: BufferConfig | None = None, restore_from: str | None = None, **options):
-    """A ReplayBuffer actor handle (restored from a snapshot directory when given)."""
+def buffer_actor(cfg: BufferConfig | None = None, restore_from: str | None = None, cores: list[int] | None = None,
+                 **options):  # fmt: skip
+    """A ReplayBuffer actor handle (restored from a snapshot directory when given); `cores`:
+    the ones it may run on (kept off the learner ranks' cores, which every step waits for)."""
     actor = ray.remote(num_cpus=0, max_concurrency=32)(_BufferActor)
-    return actor.options(**options).remote(cfg, restore_from)
+    return actor.options(**options).remote(cfg, restore_from, cores)
 
 
 class _BufferActor(ReplayBuffer):
     """Adds packed variants of put_many/get_batch (buffer.columnar): far fewer objects to
     serialise per call, which is what bounds throughput through Ray."""
 
-    def __init__(self, cfg: BufferConfig | None, restore_from: str | None):
+    def __init__(self, cfg: BufferConfig | None, restore_from: str | None, cores: list[int] | None = None):
+        if cores:
+            bind_threads(cores)
         super().__init__(cfg)
         if restore_from:
             restored = ReplayBuffer.restore(restore_from, cfg)

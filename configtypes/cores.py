@@ -28,16 +28,24 @@ def pin_process(cores: list[int]) -> list[int]:
     missing = wanted - os.sched_getaffinity(0)
     if missing:
         raise ValueError(f"cores {sorted(missing)} are not available to this process ({_held()})")
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), wanted)
-        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
-            pass
+    bind_threads(wanted)
     os.environ["OMP_NUM_THREADS"] = str(len(wanted))
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(len(wanted))
     return sorted(os.sched_getaffinity(0))
+
+
+def bind_threads(cores: set[int] | list[int]) -> set[int]:
+    """Bind every thread of this process to `cores` (nothing else changes); returns the cores
+    the calling thread held before, to bind back to."""
+    before = os.sched_getaffinity(0)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), set(cores))
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            pass
+    return before
 
 
 def held_cores() -> list[int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vespo import placement, ray_components, run_config
+from vespo.ray_components import CoreChoice
 from vespo.typed_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,17 +59,17 @@ def test_auto_pins_on_one_cpu_machine_and_off_does_not(monkeypatch):
     _one_node(monkeypatch)
     cores = sorted(os.sched_getaffinity(0))
     auto = ray_components.choose_cores(run_config.load(None, []))
-    assert auto == ([[cores[0]]], [[cores[-1]]])
-    assert ray_components.choose_cores(run_config.load(None, ["train.pin_cores=false"])) == ([], [])
+    assert auto == CoreChoice([[cores[0]]], [[cores[-1]]], cores[:-1])  # driver and buffer off the learner's
+    assert ray_components.choose_cores(run_config.load(None, ["train.pin_cores=false"])) == CoreChoice()
     named = run_config.load(None, ["rollout.cpu_cores=[[1]]", "learner.cpu_cores=[[0]]"])
-    assert ray_components.choose_cores(named) == ([[1]], [[0]])
+    assert ray_components.choose_cores(named) == CoreChoice([[1]], [[0]])
 
 
 def test_no_auto_pinning_on_gpu_nodes_or_clusters(monkeypatch):
     _one_node(monkeypatch, gpus=8)
-    assert ray_components.choose_cores(run_config.load(None, [])) == ([], [])
+    assert ray_components.choose_cores(run_config.load(None, [])) == CoreChoice()
     _one_node(monkeypatch, nodes=2)
-    assert ray_components.choose_cores(run_config.load(None, [])) == ([], [])
+    assert ray_components.choose_cores(run_config.load(None, [])) == CoreChoice()
 
 
 PROBE = """

@@ -39,7 +39,9 @@ def config(tmp_path: Path, *overrides: str) -> run_config.RunConfig:
 def test_training_runs_end_to_end(tmp_path, mode):
     extra = ["train.mode=sync", "train.staleness_ratio=2"] if mode == "sync" else []
     cfg = config(tmp_path, *extra, "train.checkpoint_every=1", "train.keep_checkpoints=2")
+    cores = os.sched_getaffinity(0)
     summary = run(cfg)
+    assert os.sched_getaffinity(0) == cores  # the driver, kept off the learner's core during the run, has all back
 
     assert summary.steps == 4
     assert summary.version == 4  # a broadcast after every step (async), after every N=2 steps (sync)

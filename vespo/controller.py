@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from configtypes.cores import bind_threads
 from learner import checkpoint
 from rollout.tasks.registry import make_task
 from vespo import run_state
@@ -74,6 +75,7 @@ class Controller:
         self._stop = threading.Event()  # set when the run ends: waits and the feeder stop
         self.fatal: tuple[type[BaseException], ...] = ()  # errors that mean an actor of the run died
         self.tokenizer, self.pad_id = None, 0  # set by setup (fakes need neither)
+        self._driver_cores: set[int] | None = None  # what this process held before setup pinned it
         self.source = self.fleet = self.learner = self.buffer = None  # set by assemble
         self._reset_counters()
 
@@ -110,9 +112,11 @@ class Controller:
         cfg.rollout.model_path = cfg.learner.model_path = resolve_model(cfg.model)
         tokenizer = AutoTokenizer.from_pretrained(cfg.learner.model_path)
         self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        engines, buffer, rank_cores = ray_components.start_actors(cfg, str(found / "buffer") if found else None)
+        engines, buffer, cores = ray_components.start_actors(cfg, str(found / "buffer") if found else None)
+        if cores.driver:  # off the learner's cores until shutdown (a test's process gets them back)
+            self._driver_cores = bind_threads(cores.driver)
         starting = [e.start() for e in engines]  # engines and learner ranks start at the same time
-        learner = ray_components.start_learner(cfg, rank_cores)
+        learner = ray_components.start_learner(cfg, cores.ranks)
         self.assemble(engines, buffer, learner, self._render, [p.result() for p in starting], found)
 
     def _render(self, gid: str, sample) -> object:
@@ -315,3 +319,6 @@ class Controller:
         for part in (self.fleet, self.learner, self.buffer):
             if part is not None:
                 part.shutdown()
+        if self._driver_cores is not None:
+            bind_threads(self._driver_cores)
+            self._driver_cores = None

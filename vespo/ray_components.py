@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -164,41 +165,55 @@ class RayLearner(LearnerGroup):
         return RayPending(super().broadcast_weights(wire_plan))
 
 
-def start_actors(cfg, restore_buffer: str | None = None) -> tuple[list[RayEngine], RayBuffer, list[list[int]]]:
+@dataclass
+class CoreChoice:
+    """Who runs on which cores (all empty: nothing pinned)."""
+
+    engines: list[list[int]] = field(default_factory=list)
+    ranks: list[list[int]] = field(default_factory=list)
+    # the driver (controller) and the buffer actor: every core but the learner ranks'. Ranks
+    # wait on each other in every collective, so a rank slowed by a neighbour slows the step.
+    driver: list[int] = field(default_factory=list)
+
+
+def start_actors(cfg, restore_buffer: str | None = None) -> tuple[list[RayEngine], RayBuffer, CoreChoice]:
     """Ray first (or the cluster the config names), the layout checked against it, then the
     buffer and the engine actors (their engines are started by the caller, all at once).
-    Returns the learner ranks' cores too (empty: not pinned), for start_learner."""
+    Returns the cores chosen too, for start_learner and the driver."""
     init_ray(cfg)
     check_resources(cfg)
-    engine_cores, rank_cores = choose_cores(cfg)
+    cores = choose_cores(cfg)
     resources = ray.cluster_resources()
-    buffer = RayBuffer(buffer_actor(cfg.buffer, restore_from=restore_buffer))
+    buffer = RayBuffer(buffer_actor(cfg.buffer, restore_from=restore_buffer, cores=cores.driver or None))
     engines = [RayEngine(rollout_actor(cfg.rollout, cfg.task, f"engine-{i}", buffer.actor,
-                                       cores=engine_cores[i] if engine_cores else None,
+                                       cores=cores.engines[i] if cores.engines else None,
                                        **role_options(resources, "rollout")), f"engine-{i}")
                for i in range(cfg.train.num_engines)]  # fmt: skip
-    return engines, buffer, rank_cores
+    return engines, buffer, cores
 
 
-def choose_cores(cfg) -> tuple[list[list[int]], list[list[int]]]:
+def choose_cores(cfg) -> CoreChoice:
     """Each engine's and learner rank's cores: the config's (rollout.cpu_cores, learner.cpu_cores),
     else, with train.pin_cores on a one-machine CPU cluster (the driver's: the only case
-    where one process sees every actor's cores), disjoint ones from placement.assign_cores.
-    Never written back into the config: a resumed run on another machine chooses its own. On
-    GPU nodes each role already has its own devices (Ray's GPU accounting)."""
-    named = cfg.rollout.cpu_cores, cfg.learner.cpu_cores
-    if not cfg.train.pin_cores or any(named):
-        return named
+    where one process sees every actor's cores), disjoint ones from placement.assign_cores,
+    and the rest for the driver and the buffer. Never written back into the config: a resumed
+    run on another machine chooses its own. On GPU nodes each role already has its own
+    devices (Ray's GPU accounting)."""
+    if not cfg.train.pin_cores or cfg.rollout.cpu_cores or cfg.learner.cpu_cores:
+        return CoreChoice(cfg.rollout.cpu_cores, cfg.learner.cpu_cores)
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if len(alive) != 1 or alive[0]["Resources"].get("GPU") or alive[0]["NodeManagerAddress"] != node_ip():
-        return [], []
-    got = assign_cores(sorted(os.sched_getaffinity(0)), cfg.train.num_engines, cfg.rollout.num_cpus,
-                       cfg.learner.world_size, cfg.learner.num_cpus_per_worker)  # fmt: skip
+        return CoreChoice()
+    mine = sorted(os.sched_getaffinity(0))
+    got = assign_cores(mine, cfg.train.num_engines, cfg.rollout.num_cpus, cfg.learner.world_size,
+                       cfg.learner.num_cpus_per_worker)  # fmt: skip
     if isinstance(got, str):
         log.warning("cores not pinned (engines and learner ranks share them): %s", got)
-        return [], []
-    log.info("cores: engines %s, learner ranks %s", *got)
-    return got
+        return CoreChoice()
+    ranks = {c for cores in got[1] for c in cores}
+    choice = CoreChoice(got[0], got[1], [c for c in mine if c not in ranks])
+    log.info("cores: engines %s, learner ranks %s, driver and buffer %s", choice.engines, choice.ranks, choice.driver)
+    return choice
 
 
 def start_learner(cfg, rank_cores: list[list[int]] | None = None) -> RayLearner:
