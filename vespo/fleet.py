@@ -71,6 +71,11 @@ class EngineFleet:
         than max_staleness versions ahead of the learner); at most `budget` new groups in all.
         Returns how many were handed out."""
         fed, in_flight, self.last_failed = 0, 0, 0
+        # once the buffer refuses, it admits nothing more at this version until groups are trained,
+        # dropped or let go of: asking for every further engine's share would be a remote call per
+        # engine per round, all refused (the async feeder's usual state when the learner is the
+        # bottleneck); what frees up meanwhile is handed out next round
+        refused = False
         live = [i for i in range(len(self.engines)) if i not in self.dead and i not in self.restarting]
         for k, i in enumerate(live):
             engine = self.engines[i]
@@ -82,7 +87,8 @@ class EngineFleet:
                 except EngineDown as err:
                     self.mark_dead(i, err)
                     continue
-                self.failed(failed)
+                if failed and self.failed(failed):
+                    refused = False  # their admission slots are free again
                 self.last_failed += len(failed)
                 if count < 0:  # restarted by Ray, not started yet
                     self.mark_dead(i, EngineDown(f"engine-{i} came back without an engine"))
@@ -91,22 +97,25 @@ class EngineFleet:
                 want = per_engine - count
                 if budget is not None:  # spread what is left over the engines not yet fed this round
                     want = min(want, math.ceil((budget - fed) / (len(live) - k)))
-                admitted = self.buffer.admit(version, int(want)) if want > 0 else 0
+                admitted = self.buffer.admit(version, int(want)) if want > 0 and not refused else 0
+                refused = refused or admitted < want
+                if not admitted:
+                    continue
                 taken = [self.prompts.next() for _ in range(admitted)]
                 with self._lock:
                     self.held.update({gid: (sample.id, i) for gid, sample in taken})
                 items = [self.make_item(gid, sample) for gid, sample in taken]
-                if items:
-                    engine.submit(items)  # if the engine dies with them, recovery requeues them
-                    fed += len(items)
-                    in_flight += len(items)
+                engine.submit(items)  # if the engine dies with them, recovery requeues them
+                fed += len(items)
+                in_flight += len(items)
         self.in_flight = in_flight
         return fed
 
-    def failed(self, failures: list[Failure]) -> None:
+    def failed(self, failures: list[Failure]) -> int:
         """Groups that failed inside a live engine. A refused prompt is dropped at once; any other
         failure is handed out again, up to group_retries times, then dropped; both counted
-        (faults/*), and each frees its admission slot, or enough of them would stop feeding."""
+        (faults/*), and each frees its admission slot, or enough of them would stop feeding.
+        Returns how many slots it freed."""
         again, released = [], 0
         for gid, why, refused in failures:
             with self._lock:
@@ -132,7 +141,9 @@ class EngineFleet:
                             gid, why, tries + 1, self.group_retries)  # fmt: skip
         if released:
             self.buffer.abandon(released)
-        self.prompts.requeue(again)
+        if again:
+            self.prompts.requeue(again)
+        return released
 
     def forget_delivered(self) -> None:
         """Stop holding groups the buffer has received (trained, waiting, or dropped as too stale):

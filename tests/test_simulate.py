@@ -1,0 +1,93 @@
+"""The real controller, fleet, sources, weight sync and buffer on a small simulated layout
+(bench.sim_*: 4 engines, 2 learner ranks, a cost model scaled down to seconds a step): the
+staleness rules hold in both modes, async beats sync when generating a batch takes about as
+long as training on it, and the remote calls per step are the ones the design makes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bench.sim_model import CostModel
+from bench.sim_run import Layout, simulate
+from vespo import sources
+
+ENGINES, STEPS, GROUPS = 4, 6, 8
+
+
+def small_model() -> CostModel:
+    """Responses of a few hundred tokens: generating a step's 8 groups x 4 takes ~3 s on 4
+    engines, and training on them ~3 s on 2 ranks."""
+    return CostModel(length_median=200, sigma_prompt=0.3, sigma_sample=0.4, max_response=1024, prompt_tokens=50,
+                     train_tokens_s_per_rank=1700.0, train_overhead_s=0.5, broadcast_s=0.3)  # fmt: skip
+
+
+def run(mode: str, **kw):
+    layout = Layout(mode, engines=ENGINES, ranks=2, groups_per_step=GROUPS, n=4, steps=STEPS, scale=0,
+                    warmup_steps=2, **kw)  # fmt: skip
+    return simulate(layout, small_model())
+
+
+@pytest.fixture(scope="module")
+def sync1():
+    return run("sync")
+
+
+@pytest.fixture(scope="module")
+def async2():
+    return run("async", max_staleness=2)
+
+
+def test_async_trains_nothing_staler_than_the_cap_and_does_overlap(async2):
+    staleness = async2.staleness()
+    assert async2.steps == STEPS and sum(staleness.values()) == STEPS * GROUPS * 4
+    assert max(staleness) <= 2
+    assert any(s > 0 for s in staleness), "async never trained on data older than the current weights"
+
+
+def test_sync_trains_each_round_at_staleness_0_to_n_minus_1():
+    result = run("sync", staleness_ratio=2)
+    assert [set(r.staleness) for r in result.train] == [{i % 2} for i in range(STEPS)]
+    assert result.generated_groups == STEPS * GROUPS  # a round generates exactly its N batches
+
+
+def test_async_beats_sync_when_generation_and_training_take_as_long(sync1, async2):
+    assert set(sync1.staleness()) == {0}
+    train_s = sum(r.end - r.start for r in sync1.train) / sync1.steps
+    assert 0.5 < (sync1.step_s - train_s) / train_s < 2.0  # generating a batch ~ training on it
+    assert async2.step_s < 0.8 * sync1.step_s
+    assert async2.learner_idle < sync1.learner_idle
+
+
+def test_sync_makes_the_remote_calls_the_design_says(sync1):
+    calls = sync1.calls_per_step()
+    assert calls["learner.train"] == calls["learner.broadcast_weights"] == 1  # a round of N=1: one update, one publish
+    assert calls["engine.receive_weights"] == calls["engine.stats"] == ENGINES
+    assert calls["buffer.metrics"] == calls["buffer.seen_groups"] == calls["learner.refused"] == 1
+    # the round's prompts are spread over every engine at once: one admission and one submit each
+    assert calls["buffer.admit"] == calls["engine.submit"] == ENGINES
+    assert (calls["engine.poll"] * STEPS) % ENGINES == 0  # every feed polls each engine once
+    assert calls["engine.poll"] == ENGINES * calls["buffer.get_batch"]  # a feed before each look at the buffer
+    assert sync1.generated_groups == STEPS * GROUPS and not sync1.calls["feeder"]
+
+
+def test_async_makes_the_remote_calls_the_design_says(async2):
+    calls, loop = async2.calls_per_step(), async2.calls_per_step("loop")
+    assert calls["learner.train"] == calls["learner.broadcast_weights"] == 1  # train.sync_every=1
+    assert calls["engine.receive_weights"] == calls["engine.stats"] == ENGINES
+    assert not {"engine.poll", "buffer.admit", "engine.submit"} & set(loop)  # feeding is the feeder's
+    rounds = async2.calls["feeder"]["engine.poll"] / ENGINES
+    assert rounds == int(rounds)  # each round polls every engine once
+    # once the buffer's admission refuses, the rest of the round asks it nothing: at most one
+    # refused admission a round, however many engines have room
+    assert async2.refused_admits <= rounds
+    assert async2.calls["feeder"]["buffer.admit"] <= rounds + async2.calls["feeder"]["engine.submit"]
+
+
+def test_the_controller_is_charged_its_own_cpu_and_its_clock_is_restored(async2):
+    assert async2.own_cpu_s["loop"] > 0 and async2.own_cpu_s["feeder"] > 0
+    assert async2.sim_cpu_s > 0 and async2.buffer_cpu_s > 0
+    assert sources.time is time  # the controller's modules read the real clock again
+    # the controller's own accounting ran on the simulated clock: its wall time is the steps'
+    assert async2.summary.wall_s == pytest.approx(async2.train[-1].end, rel=0.05)
