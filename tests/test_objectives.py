@@ -357,3 +357,42 @@ def test_fused_and_eager_vespo_agree(shape, agg):
     assert m1.keys() == m2.keys()
     for key in m1:
         assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key
+
+
+def test_fused_kernels_compiled_on_a_tiny_batch_stay_parallel():
+    # The inductor cache is shared by every process on the machine and keys these dynamic
+    # graphs by symbolic shapes, so whatever the first (here tiny) batch compiles is what a
+    # large batch in another process runs: it must not be a single-threaded loop.
+    from torch._inductor.utils import run_and_get_code
+
+    from learner.objectives import fused
+
+    lp, mu, adv, mask = random_batch(0, b=2, t=3)
+    calls = [
+        (fused.token_sums, (lp, mu, adv, mask)),
+        (fused.scaled_advantages, (adv, mask, torch.ones(2))),
+    ]
+    for fn, args in calls:
+        path = fused.CompiledOrEager(fn)  # a fresh compile with the fused path's settings
+        with torch.no_grad():
+            _, codes = run_and_get_code(path, *args)
+        if not path.active:
+            pytest.skip("torch.compile unavailable here")
+        assert codes and all("#pragma omp parallel" in code for code in codes), fn.__name__
+
+
+def test_fused_path_falls_back_to_eager_only_when_compiling_fails(monkeypatch):
+    from learner.objectives import fused
+
+    def broken(*args):  # a lazy compile that fails at the first call, e.g. no C++ compiler
+        raise RuntimeError("no working C++ compiler")
+
+    lp, mu, adv, mask = random_batch(1)
+    path = fused.CompiledOrEager(fused.token_sums)
+    monkeypatch.setattr(path, "impl", broken)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="size of tensor"):  # bad inputs: eager fails too
+            path(lp, mu[:, :-1], adv, mask)
+        assert path.active
+        torch.testing.assert_close(path(lp, mu, adv, mask), fused.token_sums(lp, mu, adv, mask), rtol=0, atol=0)
+    assert not path.active

@@ -6,7 +6,7 @@ traffic dominates. Everything VESPO needs per row, s = sum m clamp(log pi - log 
 length, sum m A and sum m A log pi, comes out of one fused reduction, and since the loss is
 sum_b c_b * (sum_t m A log pi)_b with a per-row constant c_b, the gradient m A c_b is one
 fused elementwise kernel in the backward. torch.compile writes those kernels for the device
-at hand (C++/OpenMP on CPU, Triton on GPU); if it cannot, the eager path runs instead.
+at hand (C++/OpenMP on CPU, Triton on GPU); if it cannot, the same functions run eagerly.
 """
 
 from __future__ import annotations
@@ -47,14 +47,57 @@ def prepare_fused(
     return PolicyBatch(lp, behavior_logprobs, adv, m, lengths, s, seq_adv, adv_logprob_rowdot=rowdot)
 
 
+# Inductor's C++ code generator makes a loop parallel only when the shapes it compiles for
+# hold enough work, and its on-disk graph cache (shared by every process of the user on the
+# machine, /tmp/torchinductor_<user>) keys a dynamic-shape graph by symbolic shapes alone. So
+# a graph first compiled on a tiny batch, by a test run or by a first small micro-batch, ran
+# single-threaded for every later batch of every later process, while eager ATen used all
+# cores: the fused path was then no faster than the eager one. dynamic_threads always emits
+# the parallel loop and lets OpenMP size the team at run time; being part of the cache key,
+# it also keeps the serial entries compiled without it from being served. Only the loop over
+# rows is split and each row is summed in the same order: the results are bit for bit those
+# of a kernel compiled on a large batch.
+COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
+
+
+class CompiledOrEager:
+    """fn compiled for dynamic shapes; fn itself once compiling has failed.
+
+    torch.compile is lazy: a missing or broken C++ compiler only shows at the first call, as
+    an exception from inside the training step. A missing compiler must slow training down,
+    not stop it. When a compiled call fails, the eager function is tried on the same inputs:
+    if it fails too, the inputs were at fault and its error propagates; if it succeeds, the
+    compiler was, and the eager function runs from then on.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.impl = fn
+        try:
+            self.impl = torch.compile(fn, dynamic=True, options=COMPILE_OPTIONS)
+        except Exception as err:
+            log.warning("torch.compile unavailable (%s); VESPO runs its eager path", err)
+
+    @property
+    def active(self) -> bool:
+        """Whether calls still go to the compiled kernels."""
+        return self.impl is not self.fn
+
+    def __call__(self, *args):
+        if self.impl is self.fn:
+            return self.fn(*args)
+        try:
+            return self.impl(*args)
+        except Exception as err:
+            out = self.fn(*args)
+            log.warning("torch.compile of %s failed (%s); VESPO runs its eager path", self.fn.__name__, err)
+            self.impl = self.fn
+            return out
+
+
 @functools.cache
-def compiled(fn):
-    """fn compiled for dynamic shapes, or fn itself where torch.compile is unavailable."""
-    try:
-        return torch.compile(fn, dynamic=True)
-    except Exception as err:  # a missing compiler must slow training down, not stop it
-        log.warning("torch.compile unavailable (%s); VESPO runs its eager path", err)
-        return fn
+def compiled(fn) -> CompiledOrEager:
+    return CompiledOrEager(fn)
 
 
 class RowScaledLogLik(torch.autograd.Function):
