@@ -21,21 +21,40 @@ them share every core, to show what pinning buys.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 
+from rollout.tasks import arithmetic
 from vespo import run_config
 from vespo.train import run
 
-# the default workload keeps generation and training comparable (ideal ~1.8x here): a workload
-# where one side dwarfs the other shows nothing about overlap
+# The default workload keeps generation and training comparable: a workload where one side dwarfs
+# the other shows nothing about overlap. The tiny model's decode costs vLLM about six times what a
+# learner step costs per token (per-sequence overhead dominates a 2-layer model), so its prompts
+# carry an instruction preamble, as reasoning-RL prompts do (DAPO's template, a system turn): the
+# learner trains on prompt + response, the engine prefills the prompt once per group.
 DEFAULTS = {
-    "tiny": dict(groups=8, n=8, max_new_tokens=256, median_tokens=48, micro_batch_tokens=1024),
-    "smollm2-135m": dict(groups=2, n=4, max_new_tokens=96, median_tokens=24, micro_batch_tokens=1024),
+    "tiny": dict(groups=8, n=8, max_new_tokens=128, median_tokens=32, prompt_chars=300),
+    "smollm2-135m": dict(groups=2, n=4, max_new_tokens=96, median_tokens=24, prompt_chars=200),
 }
+PREAMBLE = (
+    "Solve the problem below. Work step by step, check every step, and keep the reasoning short "
+    "enough to read. When you are sure, write the final answer as a number on its own line. "
+)
+
+
+def prompts_file(out: str, chars: int) -> str:
+    """Arithmetic problems behind a preamble of `chars` characters, as rows of the math task."""
+    preamble = (PREAMBLE * (1 + chars // len(PREAMBLE)))[:chars]
+    path = f"{out}/prompts.jsonl"
+    with open(path, "w") as f:
+        for p in arithmetic.problems(2048, seed=0, max_digits=1):
+            f.write(json.dumps({"prompt": preamble + p.prompt, "answer": p.answer}) + "\n")
+    return path
 
 
 def overrides(mode: str, args, out: str) -> list[str]:
-    prompt_room = 64 if args.model == "tiny" else 256
+    prompt_room = 64 + args.prompt_chars if args.model == "tiny" else 256
     keys = [
         f"model={args.model}", f"train.mode={mode}", f"train.steps={args.steps}",
         f"train.groups_per_step={args.groups}", f"rollout.n={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
@@ -45,8 +64,11 @@ def overrides(mode: str, args, out: str) -> list[str]:
         f"train.max_inflight_groups={args.inflight}", f"train.output_dir={out}/{mode}", "wandb.mode=disabled",
         f"learner.micro_batch_tokens={args.micro_batch_tokens}", f"train.pin_cores={str(not args.no_pin).lower()}",
     ]  # fmt: skip
+    if args.prompt_chars:
+        keys += ["task.name=math", f"task.path={prompts_file(out, args.prompt_chars)}",
+                 "task.reward_fn=rollout.tasks.arithmetic:reward"]  # fmt: skip
     if args.model != "tiny":
-        keys += ["task.name=word_problems", "learner.lr=1e-6"]
+        keys += ["learner.lr=1e-6"]
     return keys + args.set
 
 
@@ -59,7 +81,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--median-tokens", type=int)
     parser.add_argument("--sigma", type=float, default=1.0)
-    parser.add_argument("--micro-batch-tokens", type=int)
+    parser.add_argument("--micro-batch-tokens", type=int, default=4096)
+    parser.add_argument("--prompt-chars", type=int, help="instruction preamble before each arithmetic problem")
     parser.add_argument("--max-staleness", type=int, default=4)
     parser.add_argument("--inflight", type=int, help="groups in flight at once in async mode (default 4 steps' worth)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides (both modes)")
@@ -69,9 +92,10 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.inflight = args.inflight or 4 * args.groups
-    print(f"workload: {args.model}, {args.steps} steps of {args.groups} prompts x {args.n}; response lengths imposed "
-          f"(min_tokens = max_tokens): log-normal, median {args.median_tokens}, sigma {args.sigma}, "
-          f"cap {args.max_new_tokens}", flush=True)  # fmt: skip
+    print(f"workload: {args.model}, {args.steps} steps of {args.groups} prompts x {args.n}; response lengths "
+          f"imposed (min_tokens = max_tokens): log-normal, median {args.median_tokens}, sigma {args.sigma}, cap "
+          f"{args.max_new_tokens}; prompts: a {args.prompt_chars}-character preamble + the problem",
+          flush=True)  # fmt: skip
     results = {}
     with tempfile.TemporaryDirectory() as out:
         for mode in ("sync", "async"):

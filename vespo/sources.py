@@ -101,8 +101,9 @@ class AsyncSource(_Source):
         try:
             while not self._stop.is_set():
                 fed = self.fleet.feed(self._step, self.cfg.max_inflight_groups)
-                if not fed or self.fleet.last_failed:  # nothing to do, or prompts failing: do not spin
-                    time.sleep(0.05)
+                # nothing to do, or prompts failing: do not spin; otherwise still leave the engines'
+                # and the buffer's event loops (and, on one machine, their cores) a gap between rounds
+                time.sleep(0.05 if not fed or self.fleet.last_failed else 0.01)
         except BaseException as err:  # noqa: BLE001 - surfaced by the learner loop
             self.error = err
 
