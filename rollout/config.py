@@ -26,7 +26,9 @@ class RolloutConfig:
     max_new_tokens: AtLeast1 = 32
     # prompt + response tokens; prompts longer than max_model_len - max_new_tokens are refused
     max_model_len: AtLeast1 = 512
-    dtype: Dtype = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    # auto: bfloat16 on GPU and on CPUs with native bf16 (avx512_bf16 or AMX), else float32
+    # (rollout.engine.resolve_dtype; bench/dtype.py has the speed and mismatch figures)
+    dtype: Dtype = "auto"
     seed: AtLeast0 = 0
     partial_rollout: bool = True  # on an update, pause in-flight requests and resume them under the new weights
     max_num_seqs: AtLeast1 = 64  # sequences one engine decodes together
