@@ -84,14 +84,14 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=4096)
     parser.add_argument("--prompt-chars", type=int, help="instruction preamble before each arithmetic problem")
     parser.add_argument("--max-staleness", type=int, default=4)
-    parser.add_argument("--inflight", type=int, help="groups in flight at once in async mode (default 4 steps' worth)")
+    parser.add_argument("--inflight", type=int, help="groups in flight at once in async mode (default 2 steps' worth)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides (both modes)")
     parser.add_argument("--no-pin", action="store_true", help="engines and learner share every core")
     args = parser.parse_args()
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.inflight = args.inflight or 4 * args.groups
+    args.inflight = args.inflight or 2 * args.groups
     print(f"workload: {args.model}, {args.steps} steps of {args.groups} prompts x {args.n}; response lengths "
           f"imposed (min_tokens = max_tokens): log-normal, median {args.median_tokens}, sigma {args.sigma}, cap "
           f"{args.max_new_tokens}; prompts: a {args.prompt_chars}-character preamble + the problem",
