@@ -46,9 +46,15 @@ def save_model(path: Path, spec: dict) -> tuple[str, int]:
 
 
 def workload(vocab: int, rows: int, prompt: int, response: int, seed: int = 0) -> list[Trajectory]:
+    return random_rows(vocab, prompt, [response] * rows, seed)
+
+
+def random_rows(vocab: int, prompt: int, responses: list[int], seed: int = 0) -> list[Trajectory]:
+    """Groups of 4 with random tokens, near-uniform behaviour log-probs and random rewards: a
+    learner's work without an engine (what it costs does not depend on what the tokens say)."""
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(rows):
+    for i, response in enumerate(responses):
         out.append(
             Trajectory(
                 traj_id=str(i), group_id=str(i // 4), group_size=4,

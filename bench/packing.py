@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.learner import random_rows
 from buffer.trajectory import Trajectory
 from learner.batching import collate
 from learner.config import LearnerConfig
@@ -56,19 +57,7 @@ def lengths(kind: str, rows: int, seed: int = 0) -> np.ndarray:
 
 
 def trajectories(total: np.ndarray, vocab: int, seed: int = 0) -> list[Trajectory]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i, n in enumerate(total.tolist()):
-        r = n - PROMPT
-        out.append(
-            Trajectory(
-                traj_id=str(i), group_id=str(i // 4), group_size=4,
-                prompt_ids=rng.integers(1, vocab, PROMPT), response_ids=rng.integers(1, vocab, r),
-                behavior_logprobs=np.full(r, -np.log(vocab)) + rng.normal(0, 0.05, r),
-                token_versions=np.zeros(r), version_start=0, version_end=0, reward=float(rng.random()),
-            )
-        )  # fmt: skip
-    return out
+    return random_rows(vocab, PROMPT, [n - PROMPT for n in total.tolist()], seed)
 
 
 def timed_step(worker, cfg: LearnerConfig, pack: bool, batch, totals) -> dict[str, float]:
