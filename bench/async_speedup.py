@@ -69,7 +69,7 @@ def overrides(mode: str, args, out: str) -> list[str]:
                  "task.reward_fn=rollout.tasks.arithmetic:reward"]  # fmt: skip
     if args.model != "tiny":
         keys += ["learner.lr=1e-6"]
-    return keys + args.set
+    return keys + args.set + (args.async_set if mode == "async" else [])
 
 
 def main() -> None:
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--max-staleness", type=int, default=4)
     parser.add_argument("--inflight", type=int, help="groups in flight at once in async mode (default 2 steps' worth)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides (both modes)")
+    parser.add_argument("--async-set", nargs="*", default=[], metavar="KEY=VALUE", help="async run only")
     parser.add_argument("--no-pin", action="store_true", help="engines and learner share every core")
     args = parser.parse_args()
     for key, value in DEFAULTS[args.model].items():
