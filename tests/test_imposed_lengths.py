@@ -1,11 +1,14 @@
 """rollout.imposed_median_tokens: the long-tailed response lengths of a throughput benchmark,
 imposed on vLLM one request per sample (min_tokens = max_tokens). The requests are checked
-here against a recording stand-in for vLLM's AsyncLLM; bench.async_speedup runs them on the
-real engine."""
+here against a recording stand-in for vLLM's AsyncLLM and SamplingParams (vLLM itself stays
+out of this process: the orchestration tests check that they run without it);
+bench.async_speedup runs them on the real engine."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
+import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,6 +30,17 @@ class RecordingLLM:
         out = SimpleNamespace(token_ids=[5] * k, logprobs=[step] * k, weight_versions=None, finish_reason="length")
         outputs = [out] * sampling.n
         yield SimpleNamespace(outputs=outputs)
+
+
+@pytest.fixture(autouse=True)
+def sampling_params(monkeypatch):
+    """vllm.SamplingParams as a record of its keyword arguments."""
+    vllm = types.ModuleType("vllm")
+    vllm.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    params = types.ModuleType("vllm.sampling_params")
+    params.RequestOutputKind = SimpleNamespace(FINAL_ONLY="final_only")
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", params)
 
 
 def run(cfg: RolloutConfig, n: int):
