@@ -14,6 +14,10 @@ From one run (sync first, then async, each after its own start-up, which is excl
 - the ideal speedup of perfect overlap, (T_gen + T_train) / max(T_gen, T_train);
 - the achieved sync/async wall-time ratio, and the share of the ideal it reaches;
 - the learner's idle share in both modes (1 - time in train steps / loop wall time).
+All of them are steady-state: measured from the end of step `--warmup` (default 2) to the last
+step, because the first steps pay one-off costs that a long run does not (the learner's first
+forward and backward compile kernels, vLLM meets its first batch shapes), in both modes alike.
+The whole-loop figures are printed too.
 Engines and learner ranks get their own cores (train.pin_cores); `--no-pin` lets
 them share every core, to show what pinning buys.
 """
@@ -88,11 +92,14 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides (both modes)")
     parser.add_argument("--async-set", nargs="*", default=[], metavar="KEY=VALUE", help="async run only")
     parser.add_argument("--no-pin", action="store_true", help="engines and learner share every core")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the steady-state figures")
     args = parser.parse_args()
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.inflight = args.inflight or 2 * args.groups
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
     print(f"workload: {args.model}, {args.steps} steps of {args.groups} prompts x {args.n}; response lengths "
           f"imposed (min_tokens = max_tokens): log-normal, median {args.median_tokens}, sigma {args.sigma}, cap "
           f"{args.max_new_tokens}; prompts: a {args.prompt_chars}-character preamble + the problem",
@@ -101,27 +108,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         for mode in ("sync", "async"):
             results[mode] = run(run_config.load(None, overrides(mode, args, out)))
-    report(results)
+    report(results, args.warmup)
 
 
-def report(results: dict) -> None:
+def window(summary, warmup: int) -> dict[str, float]:
+    """Seconds spent from the end of step `warmup` to the end of the run, by clock ("wall": the
+    loop's), and the number of steps in between."""
+    marks = summary.step_clocks
+    first = marks[warmup - 1] if warmup else {k: 0.0 for k in marks[-1]}
+    spent = {k: marks[-1][k] - first.get(k, 0.0) for k in marks[-1]}
+    return {**spent, "steps": len(marks) - warmup}
+
+
+def report(results: dict, warmup: int) -> None:
     sync, asyn = results["sync"], results["async"]
     print(f"\ncores: {asyn.cores or 'not pinned'}")
+    print(f"whole loop: sync {sync.wall_s:.1f}s, async {asyn.wall_s:.1f}s for {sync.steps} steps "
+          f"({sync.wall_s / asyn.wall_s:.2f}x); steady state from the end of step {warmup}:")  # fmt: skip
     print(f"{'mode':<6} {'steps':>5} {'wall s':>8} {'s/step':>7} {'gen s/step':>10} {'train s/step':>12} "
           f"{'learner idle':>13} {'max staleness':>14}")  # fmt: skip
-    for mode, s in results.items():
-        gen, train = s.clock.get("generate", 0.0) / s.steps, s.clock["train"] / s.steps
-        print(f"{mode:<6} {s.steps:>5} {s.wall_s:>8.1f} {s.wall_s / s.steps:>7.2f} {gen:>10.2f} {train:>12.2f} "
-              f"{1 - s.learner_busy_fraction:>13.1%} {s.max_batch_staleness:>14}")  # fmt: skip
-    t_gen, t_train = sync.clock["generate"] / sync.steps, sync.clock["train"] / sync.steps
+    spans = {mode: window(s, warmup) for mode, s in results.items()}
+    for mode, w in spans.items():
+        steps = w["steps"]
+        print(f"{mode:<6} {steps:>5.0f} {w['wall']:>8.1f} {w['wall'] / steps:>7.2f} {w['generate'] / steps:>10.2f} "
+              f"{w['train'] / steps:>12.2f} {1 - w['train'] / w['wall']:>13.1%} "
+              f"{results[mode].max_batch_staleness:>14}")  # fmt: skip
+    ws, wa = spans["sync"], spans["async"]
+    t_gen, t_train = ws["generate"] / ws["steps"], ws["train"] / ws["steps"]
     ideal = (t_gen + t_train) / max(t_gen, t_train)
-    achieved = sync.wall_s / asyn.wall_s
-    broadcast = sync.clock.get("sync", 0) / sync.steps
+    achieved = (ws["wall"] / ws["steps"]) / (wa["wall"] / wa["steps"])
+    broadcast = ws["sync"] / ws["steps"]
     print(f"sync: T_gen {t_gen:.2f}s + T_train {t_train:.2f}s per step (+ {broadcast:.2f}s weight broadcast); "
           f"ideal overlap (T_gen + T_train) / max = {ideal:.2f}x")  # fmt: skip
     print(
         f"async speedup {achieved:.2f}x of ideal {ideal:.2f}x ({achieved / ideal:.0%} of ideal), "
-        f"learner idle {1 - asyn.learner_busy_fraction:.0%}"
+        f"learner idle {1 - wa['train'] / wa['wall']:.0%}"
     )
 
 

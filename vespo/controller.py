@@ -57,6 +57,9 @@ class RunSummary:
     engine_restarts: int = 0  # engine actors Ray restarted during the run (each recovered)
     requeued_groups: list[str] = field(default_factory=list)  # prompts a dead engine held, handed out again
     cores: dict[str, list[int]] = field(default_factory=dict)  # the CPU cores each engine / learner rank ran on
+    # at the end of each step: seconds since the loop started ("wall") and the clock then; a
+    # steady-state rate leaves out the first steps, which pay one-off compilation and warm-up
+    step_clocks: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def learner_busy_fraction(self) -> float:
@@ -87,6 +90,8 @@ class Controller:
         self.trained_groups: list[str] = []
         self.max_staleness_seen, self.train_s, self.skipped_updates, self.refused_seen = 0, 0.0, 0, 0
         self._last_tokens: tuple[int, float] | None = None
+        self.step_clocks: list[dict[str, float]] = []
+        self._loop_started = time.perf_counter()
         self.screen = Screen(self.cfg.train.groups_per_step * self.cfg.rollout.n)
 
     def request_stop(self, reason: str) -> None:
@@ -197,6 +202,7 @@ class Controller:
         """Train to cfg.train.steps (or a stop request); `checkpoint=False` skips the final
         checkpoint (sweeps that only want the metrics)."""
         cfg, started, path = self.cfg.train, time.perf_counter(), ""
+        self._loop_started = started
         self.source.start()
         try:
             while self.step < cfg.steps and self.stop_reason is None:
@@ -255,7 +261,9 @@ class Controller:
                   "retried_groups": fleet.retried_groups, "dropped_groups": fleet.dropped_groups,
                   "refused_connections": total}  # fmt: skip
         metrics.update({f"faults/{k}": float(v) for k, v in faults.items()})
-        metrics.update({f"time/{k}_s": v for k, v in self.clock().items()})
+        clock = self.clock()
+        metrics.update({f"time/{k}_s": v for k, v in clock.items()})
+        self.step_clocks.append({"wall": time.perf_counter() - self._loop_started, **clock})
         shown = []
         if cfg.eval_every and self.step % cfg.eval_every == 0:
             metrics.update(self.evaluate())
@@ -293,6 +301,7 @@ class Controller:
             learner_idle_fraction=clock["wait"] / max(wall, 1e-9), max_batch_staleness=self.max_staleness_seen,
             clock=clock, stopped=self.stop_reason, trained_groups=self.trained_groups,
             engine_restarts=self.fleet.restarts, requeued_groups=self.fleet.requeued, cores=self._cores(),
+            step_clocks=self.step_clocks,
         )  # fmt: skip
 
     def _cores(self) -> dict[str, list[int]]:
