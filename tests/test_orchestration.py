@@ -115,7 +115,8 @@ def test_sync_rounds_hand_out_n_steps_of_prompts_then_train_n_times_on_them(tmp_
     assert [e.versions_received for e in engines] == [[3, 6], [3, 6]]
     assert summary.steps == 6 and len(set(summary.trained_groups)) == 12
     marks = summary.step_clocks  # one mark a step, its clocks as they stood then, ending where the run's end
-    assert len(marks) == 6 and all(a["wall"] <= b["wall"] and a["train"] <= b["train"] for a, b in zip(marks, marks[1:]))
+    pairs = zip(marks, marks[1:], strict=False)
+    assert len(marks) == 6 and all(a["wall"] <= b["wall"] and a["train"] <= b["train"] for a, b in pairs)
     assert marks[-1]["train"] == summary.clock["train"] and marks[-1]["wall"] <= summary.wall_s
 
 
