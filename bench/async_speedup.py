@@ -9,7 +9,10 @@ lengths are log-normal (median `--median-tokens`, log-space spread `--sigma`), c
 `--max-new-tokens`. It is a throughput workload: the tokens are sampled, the rewards real, but
 the lengths are the bench's, not the model's.
 
-From one run (sync first, then async, each after its own start-up, which is excluded):
+From one run: the actors start once, then `--rounds` (default 3) pairs of training runs
+alternate on them, sync then async (each a fresh learner, buffer and prompt stream:
+`Controller.begin_run`), so that a drift of the machine's speed hits both modes alike. Pooled
+over the rounds:
 - sync T_gen and T_train per step (the clocks of a sync run, where the two never overlap);
 - the ideal speedup of perfect overlap, (T_gen + T_train) / max(T_gen, T_train);
 - the achieved sync/async wall-time ratio, and the share of the ideal it reaches;
@@ -27,10 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections import defaultdict
 
 from rollout.tasks import arithmetic
 from vespo import run_config
-from vespo.train import run
 
 # The default workload keeps generation and training comparable: a workload where one side dwarfs
 # the other shows nothing about overlap. The tiny model's decode costs vLLM about six times what a
@@ -93,22 +96,56 @@ def main() -> None:
     parser.add_argument("--async-set", nargs="*", default=[], metavar="KEY=VALUE", help="async run only")
     parser.add_argument("--no-pin", action="store_true", help="engines and learner share every core")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the steady-state figures")
+    parser.add_argument("--rounds", type=int, default=3, help="sync/async pairs, alternating on the same actors")
     args = parser.parse_args()
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.inflight = args.inflight or 2 * args.groups
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
     print(f"workload: {args.model}, {args.steps} steps of {args.groups} prompts x {args.n}; response lengths "
           f"imposed (min_tokens = max_tokens): log-normal, median {args.median_tokens}, sigma {args.sigma}, cap "
           f"{args.max_new_tokens}; prompts: a {args.prompt_chars}-character preamble + the problem",
           flush=True)  # fmt: skip
-    results = {}
     with tempfile.TemporaryDirectory() as out:
-        for mode in ("sync", "async"):
-            results[mode] = run(run_config.load(None, overrides(mode, args, out)))
+        results = alternate(args, out)
     report(results, args.warmup)
+
+
+def alternate(args, out: str) -> dict[str, list]:
+    """`args.rounds` sync/async pairs of runs on one set of actors; each mode's RunSummaries."""
+    import ray
+    from rich.console import Console
+
+    from vespo import typed_config
+    from vespo.controller import Controller
+    from vespo.run_logger import RunLogger
+
+    console, results, controller = Console(), defaultdict(list), None
+    was_up = ray.is_initialized()
+    try:
+        for r in range(args.rounds):
+            for mode in ("sync", "async"):
+                cfg = run_config.load(None, overrides(mode, args, out))
+                logger = RunLogger(cfg.wandb, typed_config.to_dict(cfg), console, total_steps=cfg.train.steps)
+                if controller is None:
+                    controller = Controller(cfg, logger)
+                    controller.setup()
+                console.print(f"round {r + 1}/{args.rounds}: {mode} run")
+                controller.begin_run(cfg, logger)
+                try:
+                    results[mode].append(controller.run(checkpoint=False))
+                finally:
+                    logger.finish()
+    finally:
+        if controller is not None:
+            controller.shutdown()
+        if not was_up and ray.is_initialized():
+            ray.shutdown()
+    return results
 
 
 def window(summary, warmup: int) -> dict[str, float]:
@@ -120,29 +157,46 @@ def window(summary, warmup: int) -> dict[str, float]:
     return {**spent, "steps": len(marks) - warmup}
 
 
-def report(results: dict, warmup: int) -> None:
-    sync, asyn = results["sync"], results["async"]
-    print(f"\ncores: {asyn.cores or 'not pinned'}")
-    print(f"whole loop: sync {sync.wall_s:.1f}s, async {asyn.wall_s:.1f}s for {sync.steps} steps "
-          f"({sync.wall_s / asyn.wall_s:.2f}x); steady state from the end of step {warmup}:")  # fmt: skip
-    print(f"{'mode':<6} {'steps':>5} {'wall s':>8} {'s/step':>7} {'gen s/step':>10} {'train s/step':>12} "
-          f"{'learner idle':>13} {'max staleness':>14}")  # fmt: skip
-    spans = {mode: window(s, warmup) for mode, s in results.items()}
-    for mode, w in spans.items():
-        steps = w["steps"]
-        print(f"{mode:<6} {steps:>5.0f} {w['wall']:>8.1f} {w['wall'] / steps:>7.2f} {w['generate'] / steps:>10.2f} "
-              f"{w['train'] / steps:>12.2f} {1 - w['train'] / w['wall']:>13.1%} "
-              f"{results[mode].max_batch_staleness:>14}")  # fmt: skip
-    ws, wa = spans["sync"], spans["async"]
-    t_gen, t_train = ws["generate"] / ws["steps"], ws["train"] / ws["steps"]
+def pooled(runs: list, warmup: int) -> dict[str, float]:
+    """The steady-state windows of several runs of one mode, added up."""
+    total: dict[str, float] = defaultdict(float)
+    for run in runs:
+        for key, value in window(run, warmup).items():
+            total[key] += value
+    return dict(total)
+
+
+def figures(sync: dict[str, float], asyn: dict[str, float]) -> dict[str, float]:
+    """T_gen, T_train (sync, per step), the ideal and the achieved speedup, async learner idle."""
+    t_gen, t_train = sync["generate"] / sync["steps"], sync["train"] / sync["steps"]
     ideal = (t_gen + t_train) / max(t_gen, t_train)
-    achieved = (ws["wall"] / ws["steps"]) / (wa["wall"] / wa["steps"])
-    broadcast = ws["sync"] / ws["steps"]
-    print(f"sync: T_gen {t_gen:.2f}s + T_train {t_train:.2f}s per step (+ {broadcast:.2f}s weight broadcast); "
-          f"ideal overlap (T_gen + T_train) / max = {ideal:.2f}x")  # fmt: skip
+    achieved = (sync["wall"] / sync["steps"]) / (asyn["wall"] / asyn["steps"])
+    return {"t_gen": t_gen, "t_train": t_train, "ideal": ideal, "achieved": achieved,
+            "idle": 1 - asyn["train"] / asyn["wall"]}  # fmt: skip
+
+
+def report(results: dict[str, list], warmup: int) -> None:
+    print(f"\ncores: {results['async'][0].cores or 'not pinned'}")
+    print(f"steady state: from the end of step {warmup} of each run")
+    for r, (sync, asyn) in enumerate(zip(results["sync"], results["async"], strict=True)):
+        f = figures(window(sync, warmup), window(asyn, warmup))
+        print(f"round {r + 1}: async {f['achieved']:.2f}x of ideal {f['ideal']:.2f}x ({f['achieved'] / f['ideal']:.0%})"
+              f", learner idle {f['idle']:.0%}; whole loops: sync {sync.wall_s:.1f}s, async {asyn.wall_s:.1f}s "
+              f"for {sync.steps} steps")  # fmt: skip
+    print(f"{'pooled':<6} {'steps':>5} {'wall s':>8} {'s/step':>7} {'gen s/step':>10} {'train s/step':>12} "
+          f"{'learner idle':>13} {'max staleness':>14}")  # fmt: skip
+    spans = {mode: pooled(runs, warmup) for mode, runs in results.items()}
+    for mode, w in spans.items():
+        steps, stale = w["steps"], max(s.max_batch_staleness for s in results[mode])
+        print(f"{mode:<6} {steps:>5.0f} {w['wall']:>8.1f} {w['wall'] / steps:>7.2f} {w['generate'] / steps:>10.2f} "
+              f"{w['train'] / steps:>12.2f} {1 - w['train'] / w['wall']:>13.1%} {stale:>14}")  # fmt: skip
+    f = figures(spans["sync"], spans["async"])
+    broadcast = spans["sync"]["sync"] / spans["sync"]["steps"]
+    print(f"sync: T_gen {f['t_gen']:.2f}s + T_train {f['t_train']:.2f}s per step (+ {broadcast:.2f}s weight "
+          f"broadcast); ideal overlap (T_gen + T_train) / max = {f['ideal']:.2f}x")  # fmt: skip
     print(
-        f"async speedup {achieved:.2f}x of ideal {ideal:.2f}x ({achieved / ideal:.0%} of ideal), "
-        f"learner idle {1 - wa['train'] / wa['wall']:.0%}"
+        f"async speedup {f['achieved']:.2f}x of ideal {f['ideal']:.2f}x ({f['achieved'] / f['ideal']:.0%} of ideal), "
+        f"learner idle {f['idle']:.0%}"
     )
 
 
