@@ -40,10 +40,14 @@ from vespo import run_config
 # learner step costs per token (per-sequence overhead dominates a 2-layer model), so its prompts
 # carry an instruction preamble, as reasoning-RL prompts do (DAPO's template, a system turn): the
 # learner trains on prompt + response, the engine prefills the prompt once per group.
+# smollm2-135m: a learner step on one core costs about four times the generation of its data at
+# a cap of 96 tokens (ideal 1.27x), so its learner runs in bf16 (1.7x faster on this CPU,
+# bench/dtype.py) and its tail reaches further (cap 192, sigma 1.3): an ideal of about 1.7x.
 DEFAULTS = {
-    "tiny": dict(groups=8, n=8, max_new_tokens=128, median_tokens=32, prompt_chars=300),
-    "smollm2-135m": dict(groups=2, n=4, max_new_tokens=96, median_tokens=24, prompt_chars=200),
+    "tiny": dict(groups=8, n=8, max_new_tokens=128, median_tokens=32, sigma=1.0, prompt_chars=300),
+    "smollm2-135m": dict(groups=2, n=4, max_new_tokens=192, median_tokens=24, sigma=1.3, prompt_chars=200),
 }
+MODEL_KEYS = {"tiny": [], "smollm2-135m": ["learner.lr=1e-6", "learner.bf16=true"]}
 PREAMBLE = (
     "Solve the problem below. Work step by step, check every step, and keep the reasoning short "
     "enough to read. When you are sure, write the final answer as a number on its own line. "
@@ -74,8 +78,7 @@ def overrides(mode: str, args, out: str) -> list[str]:
     if args.prompt_chars:
         keys += ["task.name=math", f"task.path={prompts_file(out, args.prompt_chars)}",
                  "task.reward_fn=rollout.tasks.arithmetic:reward"]  # fmt: skip
-    if args.model != "tiny":
-        keys += ["learner.lr=1e-6"]
+    keys += MODEL_KEYS[args.model]
     return keys + args.set + (args.async_set if mode == "async" else [])
 
 
@@ -87,7 +90,7 @@ def main() -> None:
     parser.add_argument("--n", type=int)
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--median-tokens", type=int)
-    parser.add_argument("--sigma", type=float, default=1.0)
+    parser.add_argument("--sigma", type=float)
     parser.add_argument("--micro-batch-tokens", type=int, default=4096)
     parser.add_argument("--prompt-chars", type=int, help="instruction preamble before each arithmetic problem")
     parser.add_argument("--max-staleness", type=int, default=4)
