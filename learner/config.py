@@ -38,7 +38,7 @@ class LearnerConfig:
     # several sequences per row, each attending only to itself (learner/packing.py), so no compute
     # goes to padding; False pads every row to the longest of its micro-batch
     pack_sequences: bool = True
-    bf16: bool = False  # on GPU: bf16 weights and activations with fp32 master weights
+    bf16: bool = False  # bf16 weights and activations, fp32 master weights (GPU, or CPU: docs/learner.md)
     seed: AtLeast0 = 0
     # the temperature of the policy the learner scores, which must be the engines' (log-probs are of
     # the tempered policy); unset, the run config derives it from rollout.temperature
