@@ -9,7 +9,9 @@ fresh buffer. That saves the ~90 s of start-up per cell that would otherwise eat
 The budget is the same for every cell: `--steps` learner updates of `--groups-per-step`
 prompts x rollout.n samples. Sync N generates N x groups-per-step prompts with one set of
 weights and makes N updates on them, so the last mini-batch is N-1 versions stale (the
-paper's N). Async runs the usual async loop with `--async-max-staleness` as the cap.
+paper's N). Async runs the usual async loop with `--async-max-staleness` as the cap;
+`async-cap{K}` with a version cap of K instead, and `async-kl{B}` with staleness measured in
+nats: `buffer.divergence_budget` B (KL per token) inside the `--async-max-staleness` cap.
 
 Outputs under --out: steps.csv (every step of every cell), cells.csv (one row a cell),
 table.md (the table for docs/results.md), reward_vs_step.png, and a wandb offline run per
@@ -25,6 +27,7 @@ import argparse
 import csv
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,9 +56,15 @@ STEP_KEYS = {  # steps.csv column -> logged metric
     "response_len": "response/length_mean",
     "vespo_shape_scale": "vespo/shape_scale",
     "vespo_ess": "vespo/ess",
+    "dropped": "buffer/dropped_stale",  # samples dropped for staleness so far (a running total)
+    "wait_s": "time/wait_s",  # the learner's time waiting for data so far
+    "train_s": "time/train_s",
+    "staleness_cap": "buffer/staleness_cap",  # the cap in force (async-kl: set by the budget)
 }
 CELL_FIELDS = ["variant", "mode", "seed", "steps", "start_reward", "peak_reward", "final_reward", "final_eval_accuracy",
-               "collapsed", "seq_w_max", "seq_w_mean", "max_staleness", "wall_s"]  # fmt: skip
+               "collapsed", "seq_w_max", "seq_w_mean", "max_staleness", "response_len", "dropped", "learner_idle",
+               "mean_cap", "wall_s"]  # fmt: skip
+_ASYNC = re.compile(r"async(?:-cap(\d+)|-kl(\d*\.?\d+(?:e-?\d+)?))?$")
 
 
 @dataclass
@@ -76,7 +85,8 @@ class Cell:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.staleness_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--modes", nargs="+", default=list(MODES), help="sync-N (any N >= 1) or async")
+    p.add_argument("--modes", nargs="+", default=list(MODES),
+                   help="sync-N (N >= 1), async, async-capK (version cap K), async-klB (KL budget B)")  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=128, help="learner updates per cell (the fixed budget)")
     p.add_argument("--groups-per-step", type=int, default=16, help="prompts per update (x rollout.n samples)")
@@ -91,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="dotted overrides on the base config, e.g. rollout.n=4")
     args = p.parse_args(argv)
     for mode in args.modes:
-        if mode != "async" and not (mode.startswith("sync-") and mode[5:].isdigit() and int(mode[5:]) >= 1):
-            p.error(f"mode {mode!r}: use sync-N (N >= 1) or async")
+        if not _ASYNC.match(mode) and not (mode.startswith("sync-") and mode[5:].isdigit() and int(mode[5:]) >= 1):
+            p.error(f"mode {mode!r}: use sync-N (N >= 1), async, async-capK or async-klB")
     return args
 
 
@@ -102,17 +112,22 @@ def cell_config(args: argparse.Namespace, cell: Cell):
 
     cfg = run_config.load(args.config, args.overrides)
     objective, options = VARIANTS[cell.variant]
-    n = 1 if cell.mode == "async" else int(cell.mode[5:])
-    staleness = args.async_max_staleness if cell.mode == "async" else max(cfg.buffer.max_staleness, n - 1)
+    is_async = _ASYNC.match(cell.mode)
+    n = 1 if is_async else int(cell.mode[5:])
+    staleness, budget = max(cfg.buffer.max_staleness, n - 1), None
+    if is_async:
+        cap, kl = is_async.groups()
+        staleness, budget = (int(cap) if cap else args.async_max_staleness), (float(kl) if kl else None)
     # replace() re-runs each section's validation
     learner = replace(cfg.learner, objective=objective, objective_config=dict(options), lr=args.lr, seed=cell.seed)
-    train = replace(cfg.train, mode="async" if cell.mode == "async" else "sync", staleness_ratio=n, steps=args.steps,
+    train = replace(cfg.train, mode="async" if is_async else "sync", staleness_ratio=n, steps=args.steps,
                     groups_per_step=args.groups_per_step, eval_every=args.eval_every or args.steps,
                     output_dir=str(Path(args.out) / "cells" / cell.name))  # fmt: skip
     wandb = replace(cfg.wandb, dir=str(Path(args.out)), run_name=cell.name, project="vespo-staleness-sweep")
     capacity = max(cfg.buffer.capacity, 2 * n * args.groups_per_step * cfg.rollout.n)  # one sync-N batch fits
     return replace(cfg, learner=learner, train=train, wandb=wandb, task=replace(cfg.task, seed=cell.seed),
-                   buffer=replace(cfg.buffer, max_staleness=staleness, capacity=capacity))  # fmt: skip
+                   buffer=replace(cfg.buffer, max_staleness=staleness, capacity=capacity,
+                                  divergence_budget=budget))  # fmt: skip
 
 
 def summarise(cell: Cell, rows: list[dict], wall_s: float, smooth: int, drop: float) -> dict:
@@ -126,13 +141,21 @@ def summarise(cell: Cell, rows: list[dict], wall_s: float, smooth: int, drop: fl
     evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") not in (None, "")]
     w_max = [r["seq_w_max"] for r in rows if r.get("seq_w_max") not in (None, "")]
     w_mean = [r["seq_w_mean"] for r in rows if r.get("seq_w_mean") not in (None, "")]
+    caps = [r["staleness_cap"] for r in rows if r.get("staleness_cap") not in (None, "")]
+    lengths = [r["response_len"] for r in rows if r.get("response_len") not in (None, "")]
+    last = rows[-1] if rows else {}
+    waited, trained = last.get("wait_s") or 0.0, last.get("train_s") or 0.0
     return {
         "variant": cell.variant, "mode": cell.mode, "seed": cell.seed, "steps": len(rows),
         "start_reward": round(start, 4), "peak_reward": round(peak, 4), "final_reward": round(final, 4),
         "final_eval_accuracy": round(float(evals[-1]), 4) if evals else "",
         "collapsed": int(collapsed), "seq_w_max": float(np.max(w_max)) if w_max else "",
         "seq_w_mean": round(float(np.mean(w_mean)), 4) if w_mean else "",
-        "max_staleness": max((r.get("staleness_max") or 0) for r in rows), "wall_s": round(wall_s, 1),
+        "max_staleness": max((r.get("staleness_max") or 0) for r in rows),
+        "response_len": round(float(np.mean(lengths)), 1) if lengths else "",
+        "dropped": int(last.get("dropped") or 0),
+        "learner_idle": round(waited / (waited + trained), 4) if waited + trained > 0 else "",
+        "mean_cap": round(float(np.mean(caps)), 2) if caps else "", "wall_s": round(wall_s, 1),
     }  # fmt: skip
 
 

@@ -29,10 +29,11 @@ class _BufferActor(ReplayBuffer):
         super().__init__(cfg)
         if restore_from:
             restored = ReplayBuffer.restore(restore_from, cfg)
-            self._state, self._counters, self._last_staleness = (
+            self._state, self._counters, self._last_staleness, self._dynamic_cap = (
                 restored._state,
                 restored._counters,
                 restored._last_staleness,
+                restored._dynamic_cap,
             )
 
     def put_packed(self, payload: dict, timeout: float | None = 0.0) -> None:

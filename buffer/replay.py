@@ -2,10 +2,11 @@
 
 Guarantees, each tested: a trajectory put here is, at every moment, either held, returned
 exactly once in a batch, or dropped for staleness and counted; groups are returned whole and
-oldest first; nothing returned is staler than max_staleness under the drop policy; a full
-buffer makes producers wait or raises BufferFull, it never discards data; a snapshot
-restores the exact state. Thread-safe: one lock and one condition, so the same object serves
-many producer threads or a threaded Ray actor (buffer.actor).
+oldest first; nothing returned is staler than the cap under the drop policy; a full buffer
+makes producers wait or raises BufferFull, it never discards data; a snapshot restores the
+exact state. The cap is max_staleness, or a tighter one the controller sets from the measured
+divergence of old data (set_staleness_cap, buffer.divergence). Thread-safe: one lock and one
+condition, so the same object serves many producer threads or a threaded Ray actor (buffer.actor).
 """
 
 from __future__ import annotations
@@ -79,6 +80,29 @@ class ReplayBuffer:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._incoming: dict[str, int] = {}  # traj_id -> puts now waiting for room with it
+        self._dynamic_cap: int | None = None  # set_staleness_cap's; None: cfg.max_staleness alone
+
+    # --- the staleness cap -------------------------------------------------------------------
+
+    @property
+    def staleness_cap(self) -> int:
+        """The cap in force, in versions: max_staleness, or the tighter one set_staleness_cap gave
+        (max_staleness stays the outer bound, whatever the divergence estimate says)."""
+        dynamic = self._dynamic_cap
+        return self.cfg.max_staleness if dynamic is None else min(self.cfg.max_staleness, dynamic)
+
+    def set_staleness_cap(self, cap: int | None) -> None:
+        """Cap staleness at `cap` versions within max_staleness (None: max_staleness again), for
+        eviction, admission and down-weighting alike. Waiters are woken when it changes: a
+        learner waiting for fresh groups re-checks them (dropping what the new cap makes stale),
+        and producers waiting for room find the room that frees."""
+        if cap is not None and cap < 0:
+            raise ValueError(f"a staleness cap must be >= 0, got {cap}")
+        with self._changed:
+            before = self.staleness_cap
+            self._dynamic_cap = cap
+            if self.staleness_cap != before:
+                self._changed.notify_all()
 
     # --- producers ------------------------------------------------------------------------------
 
@@ -117,7 +141,7 @@ class ReplayBuffer:
 
     def may_start(self, current_version: int, n_groups: int = 1) -> bool:
         """Admission: True (and the groups are counted as started) if generating n_groups more
-        groups now keeps them within max_staleness versions of the learner."""
+        groups now keeps them within the staleness cap of the learner."""
         with self._lock:
             if self._admissible(current_version, n_groups) < n_groups:
                 return False
@@ -137,7 +161,7 @@ class ReplayBuffer:
         c = self._counters
         live = c.started_groups - c.dropped_groups - c.abandoned_groups
         per_step, n = self.cfg.admission_groups_per_step, 0
-        while n < wanted and may_start(live + n, current_version, self.cfg.max_staleness, per_step):
+        while n < wanted and may_start(live + n, current_version, self.staleness_cap, per_step):
             n += 1
         return n
 
@@ -168,7 +192,7 @@ class ReplayBuffer:
     def _fresh_ready(self, version: int) -> int:
         """Drops over-stale groups, complete or not (drop policy), and counts the usable ones.
         The heap keeps the stalest complete group on top, so this is cheap on every call."""
-        st, cap = self._state, self.cfg.max_staleness
+        st, cap = self._state, self.staleness_cap
         if self.cfg.stale_policy == "drop":
             while st.heap and version - st.heap[0][0] > cap:
                 self._drop_ready(heapq.heappop(st.heap)[2])
@@ -181,7 +205,7 @@ class ReplayBuffer:
             gid = heapq.heappop(self._state.heap)[2]
             group = self._state.ready.pop(gid)
             del self._state.oldest[gid]
-            excess = group_staleness(group, version) - self.cfg.max_staleness
+            excess = group_staleness(group, version) - self.staleness_cap
             weight = downweight(excess, self.cfg.downweight_decay) if self.cfg.stale_policy == "downweight" else 1.0
             for t in group:
                 trajs.append(t)
@@ -227,7 +251,7 @@ class ReplayBuffer:
     def _drop_stale_incomplete(self, version: int) -> None:
         """Incomplete groups already over the cap can never be trained on: free their room now;
         their late members are dropped (and counted) on arrival."""
-        st, cap = self._state, self.cfg.max_staleness
+        st, cap = self._state, self.staleness_cap
         for gid in [g for g in st.incomplete if version - st.oldest[g] > cap]:
             group = st.incomplete.pop(gid)
             del st.oldest[gid]
@@ -257,6 +281,7 @@ class ReplayBuffer:
                 "buffer/abandoned_groups": float(c.abandoned_groups),
                 "buffer/put_wait_s": c.put_wait_s,
                 "buffer/get_wait_s": c.get_wait_s,
+                "buffer/staleness_cap": float(self.staleness_cap),
             }
             if self._last_staleness:
                 st = np.asarray(self._last_staleness)
@@ -283,6 +308,7 @@ class ReplayBuffer:
                 "dropped": sorted(self._state.dropped),
                 "counters": vars(self._counters).copy(),
                 "last_staleness": list(self._last_staleness),
+                "staleness_cap": self._dynamic_cap,
             }
         self.last_snapshot_seen: list[str] = payload["seen"]
         path = directory / SNAPSHOT_FILE
@@ -324,4 +350,5 @@ class ReplayBuffer:
         st.held = sum(map(len, st.incomplete.values())) + sum(map(len, st.ready.values()))
         buf._counters = _Counters(**payload["counters"])
         buf._last_staleness = list(payload["last_staleness"])
+        buf._dynamic_cap = payload.get("staleness_cap")  # absent in snapshots from before the dynamic cap
         return buf

@@ -19,6 +19,7 @@ from learner.checkpoint_deepspeed import WeightsOnlyCheckpointEngine, load_rng, 
 from learner.checkpoint_reader import DEEPSPEED_TAG, CheckpointError
 from learner.config import LearnerConfig
 from learner.deepspeed_config import deepspeed_config
+from learner.divergence_metrics import LagKL
 from learner.logprobs import token_logprobs
 from learner.objectives import compute_loss, make_config
 from learner.packing import PackedRows, micro_batches_of, packed_token_logprobs
@@ -145,6 +146,7 @@ class LearnerWorker:
         extremes: dict[str, float] = {}
         weight_total, computed = 0.0, 0
         clock = {"perf/forward_s": 0.0, "perf/objective_s": 0.0, "perf/backward_s": 0.0}
+        lag_kl = LagKL()  # KL(sampler || current policy) by lag, against the sampler's own log-probs
         for _, micro, packed in self._micro_batches(batch, backward):
             t0 = time.perf_counter()
             logprobs = self._logprobs(micro, packed)
@@ -152,6 +154,7 @@ class LearnerWorker:
             t1 = time.perf_counter()
             mask = micro.response_mask.to(self.device)
             behavior, is_weights = micro.behavior_logprobs.to(self.device), None
+            lag_kl.add(logprobs, behavior, mask, self.step_count - micro.token_versions.to(self.device))
             if micro.old_logprobs is not None:
                 # Mismatch correction: ratios against the learner's own pi_old, and
                 # rho = pi_old / pi_sampler per token carries the engine's discrepancy.
@@ -188,6 +191,7 @@ class LearnerWorker:
         out.update(extremes)
         out["actor/loss"] = sums.get("loss_share", 0.0)  # this rank's part of the batch loss
         out.update(clock)
+        out.update(lag_kl.metrics())
         out["perf/padding_frac"] = 1.0 - float(batch.attention_mask.sum()) / max(computed, 1)
         versions = batch.token_versions[batch.token_versions >= 0]
         if versions.numel():

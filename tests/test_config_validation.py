@@ -104,6 +104,7 @@ BAD = [
     ("buffer.stale_policy=keep", "buffer.stale_policy must be 'drop' or 'downweight', got 'keep'"),
     ("buffer.downweight_decay=0", "buffer.downweight_decay must be in (0, 1], got 0"),
     ("buffer.groups_per_step=0", "buffer.groups_per_step must be >= 1, got 0"),
+    ("buffer.divergence_budget=0", "buffer.divergence_budget must be > 0, got 0"),
     # wandb
     ("wandb.mode=cloud", "wandb.mode must be 'online', 'offline' or 'disabled', got 'cloud'"),
     ("wandb.project=a/b", "wandb.project: must not contain any of / \\ # ? % :, got 'a/b'"),

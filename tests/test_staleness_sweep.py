@@ -62,8 +62,14 @@ def test_cell_config_sets_objective_mode_and_staleness():
     asyn = sweep.cell_config(args, sweep.Cell("vespo-auto", "async", 0))
     assert (asyn.train.mode, asyn.buffer.max_staleness) == ("async", 5)
     assert asyn.learner.objective_config["target_ess"] > 0
-    with pytest.raises(SystemExit):
-        sweep.parse_args(["--modes", "sync-0"])
+    assert asyn.buffer.divergence_budget is None
+    capped = sweep.cell_config(args, sweep.Cell("vespo", "async-cap2", 0))
+    assert (capped.train.mode, capped.buffer.max_staleness, capped.buffer.divergence_budget) == ("async", 2, None)
+    nats = sweep.cell_config(args, sweep.Cell("vespo", "async-kl0.004", 0))
+    assert (nats.train.mode, nats.buffer.max_staleness, nats.buffer.divergence_budget) == ("async", 5, 0.004)
+    for bad in ("sync-0", "async-cap", "async-klx", "async2"):
+        with pytest.raises(SystemExit):
+            sweep.parse_args(["--modes", bad])
 
 
 def test_begin_run_refuses_changes_that_need_new_actors():

@@ -90,6 +90,8 @@ class Buffer(Protocol):
 
     def metrics(self) -> dict[str, float]: ...
 
+    def set_staleness_cap(self, cap: int | None) -> None: ...  # within max_staleness; None: that alone
+
     def shutdown(self) -> None: ...
 
 

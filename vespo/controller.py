@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from buffer.divergence import DivergenceEstimate, kl_by_lag
 from configtypes.cores import bind_threads
 from learner import checkpoint
 from rollout.tasks.registry import make_task
@@ -93,6 +94,9 @@ class Controller:
         self.step_clocks: list[dict[str, float]] = []
         self._loop_started = time.perf_counter()
         self.screen = Screen(self.cfg.train.groups_per_step * self.cfg.rollout.n)
+        # buffer.divergence_budget: the learner's KL-by-lag metrics, smoothed, set the buffer's cap
+        self.divergence = DivergenceEstimate() if self.cfg.buffer.divergence_budget is not None else None
+        self._cap_sent: int | None = None  # the cap last given to the buffer; None: none given yet
 
     def request_stop(self, reason: str) -> None:
         """Finish the current step, checkpoint, shut down: what SIGTERM and Ctrl-C ask for."""
@@ -166,7 +170,9 @@ class Controller:
         model (fresh optimizer, cfg's objective, lr and seed), the engines get those weights, a
         new buffer takes cfg.buffer, the prompt stream starts from cfg.task.seed. What cannot
         change without new actors (model, task, engines, learner layout) must equal the running
-        config. A sweep of many short runs pays start-up once this way."""
+        config. A sweep of many short runs pays start-up once this way. The divergence estimate
+        starts over too (_reset_counters), and the new buffer at max_staleness: the last run's
+        drift says nothing of the next one's."""
         from vespo import ray_components
 
         old = self.cfg
@@ -242,6 +248,7 @@ class Controller:
             self.skipped_updates += 1
             log.error("step %d: the learner skipped the update: non-finite gradient (loss %s); weights unchanged",
                       self.step, metrics.get("actor/loss"))  # fmt: skip
+        metrics.update(self._apply_divergence_budget(metrics))
         metrics.update(step_metrics(screened, self.screen, self.weights.version, self.step))
         metrics.update(self.buffer.metrics())
         self.rewards.append(metrics["reward/mean"])
@@ -273,6 +280,24 @@ class Controller:
         if self.logger is not None:
             self.logger.log(metrics, self.step, {"staleness/histogram": batch.staleness})
             self.logger.log_examples("eval/samples", self.step, shown)
+
+    def _apply_divergence_budget(self, learner_metrics: dict[str, float]) -> dict[str, float]:
+        """Feed the step's KL by lag to the estimate and give the buffer the cap the budget allows
+        (buffer.divergence), only when it changed: one call to the buffer actor per change, not
+        per step. With no budget, nothing: the version cap alone holds."""
+        budget = self.cfg.buffer.divergence_budget
+        if self.divergence is None or budget is None:
+            return {}
+        self.divergence.observe(kl_by_lag(learner_metrics))
+        cap = self.divergence.cap(budget, self.cfg.buffer.max_staleness)
+        if cap != self._cap_sent:
+            self.buffer.set_staleness_cap(cap)
+            self._cap_sent = cap
+        out = {"divergence/staleness_cap": float(cap)}
+        at_cap = self.divergence.envelope(cap)
+        if at_cap is not None:  # nothing measured yet at or below the cap: no estimate to show
+            out["divergence/kl_estimate_at_cap"] = at_cap
+        return out
 
     def clock(self) -> dict[str, float]:
         waited = {"generate": 0.0, "wait": 0.0, self.source.clock: self.source.seconds}

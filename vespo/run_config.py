@@ -69,6 +69,10 @@ class RunConfig:
                 f"sync mode with train.staleness_ratio {t.staleness_ratio} trains on data up to "
                 f"{t.staleness_ratio - 1} versions old, but buffer.max_staleness is {max_staleness}: raise it"
             )
+        if t.mode == "sync" and self.buffer.divergence_budget is not None:
+            raise ConfigError(
+                "buffer.divergence_budget applies to async mode; sync rounds train what they generated"
+            )
         if t.mode == "async" and t.staleness_ratio != 1:
             raise ConfigError(
                 "train.staleness_ratio is for sync mode; async mode caps staleness with buffer.max_staleness"

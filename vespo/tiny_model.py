@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rollout.tasks import arithmetic
+from rollout.tasks import arithmetic, repeated_addition
 
 FORMAT = 1  # bump when the build changes, so stale caches are not reused
 PAD, EOS = "<pad>", "<eos>"
@@ -43,13 +43,17 @@ class TinyModelConfig:
     vocab_size: int = 300  # BPE target: 256 byte symbols + specials + a few merges
     corpus_size: int = 5_000
     max_digits: int = 1  # 200 steps reach ~40% sampled accuracy on 1 digit, ~1% on 2 digits
+    task: str = "arithmetic"  # the corpus: "arithmetic" ("a+b=c") or "repeated_addition" (long answers)
     warmup_steps: int = 200  # next-token steps on solved problems; 0 leaves the random init
     warmup_batch: int = 128
     warmup_lr: float = 3e-3
     seed: int = 0
 
     def digest(self) -> str:
-        text = json.dumps({"format": FORMAT, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["task"] == "arithmetic":  # the field came later: the default model keeps its cache
+            del fields["task"]
+        text = json.dumps({"format": FORMAT, **fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -85,13 +89,21 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
 
 
 def build(cfg: TinyModelConfig, out: Path) -> None:
-    texts = arithmetic.corpus(cfg.corpus_size, seed=cfg.seed, max_digits=cfg.max_digits)
+    texts = corpus(cfg)
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
     model = init_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     if cfg.warmup_steps:
         warm_up(model, tokenizer, texts, cfg)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def corpus(cfg: TinyModelConfig) -> list[str]:
+    if cfg.task == "repeated_addition":
+        return repeated_addition.corpus(cfg.corpus_size, seed=cfg.seed)
+    if cfg.task == "arithmetic":
+        return arithmetic.corpus(cfg.corpus_size, seed=cfg.seed, max_digits=cfg.max_digits)
+    raise ValueError(f"tiny model: unknown task {cfg.task!r}; choose arithmetic or repeated_addition")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import AfterValidator, Field
 
 from configtypes import AtLeast0, AtLeast1, ConfigError, NonEmpty, Positive, section
-from rollout.tasks import arithmetic
+from rollout.tasks import arithmetic, repeated_addition
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _import_path(spec: str) -> str:
 
 @section("task")
 class TaskConfig:
-    name: Annotated[str, AfterValidator(_known_task)] = "arithmetic"  # arithmetic | math
+    name: Annotated[str, AfterValidator(_known_task)] = "arithmetic"  # arithmetic | repeated_addition | math
     path: NonEmpty | None = None  # math: a .jsonl or .parquet file of rows
     # math: the fields holding prompt and answer, dotted paths allowed ("reward_model.ground_truth");
     # None finds them from the first row (tasks/datasets.py: PROMPT_KEYS, ANSWER_KEYS; docs/data.md)
@@ -70,7 +70,7 @@ class TaskConfig:
     answer_key: NonEmpty | None = None
     system_prompt: str | None = None
     eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1  # the last rows of the file (math) form the held-out split
-    train_size: AtLeast1 = 4096  # arithmetic: problems per split
+    train_size: AtLeast1 = 4096  # arithmetic, repeated_addition: problems per split
     eval_size: AtLeast1 = 256
     max_digits: AtLeast1 = 2  # arithmetic: operands below 10**max_digits
     seed: AtLeast0 = 0
@@ -96,6 +96,22 @@ class ArithmeticTask:
             (self.cfg.train_size, self.cfg.seed) if split == "train" else (self.cfg.eval_size, self.cfg.seed + 1)
         )
         problems = arithmetic.problems(count, seed=seed, max_digits=self.cfg.max_digits)
+        return [TaskSample(f"{split}-{i}", p.prompt, p.answer, chat=False) for i, p in enumerate(problems)]
+
+
+class RepeatedAdditionTask:
+    """Long answers: "7x13:" -> "01=007 02=014 ... 13=091" (rollout/tasks/repeated_addition.py)."""
+
+    name = "repeated_addition"
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+
+    def samples(self, split: str) -> list[TaskSample]:
+        count, seed = (
+            (self.cfg.train_size, self.cfg.seed) if split == "train" else (self.cfg.eval_size, self.cfg.seed + 1)
+        )
+        problems = repeated_addition.problems(count, seed=seed)
         return [TaskSample(f"{split}-{i}", p.prompt, p.answer, chat=False) for i, p in enumerate(problems)]
 
 
@@ -190,8 +206,13 @@ def _math_task(cfg: TaskConfig) -> Task:
     return MathTask(cfg)
 
 
-TASKS: dict[str, Callable[[TaskConfig], Task]] = {"arithmetic": ArithmeticTask, "math": _math_task}
+TASKS: dict[str, Callable[[TaskConfig], Task]] = {
+    "arithmetic": ArithmeticTask,
+    "repeated_addition": RepeatedAdditionTask,
+    "math": _math_task,
+}
 REWARDS: dict[str, Callable[[], RewardFn]] = {
     "arithmetic": lambda: lambda response, sample: arithmetic.reward(response, sample.answer),
+    "repeated_addition": lambda: lambda response, sample: repeated_addition.reward(response, sample.answer),
     "math": _math_reward,
 }
