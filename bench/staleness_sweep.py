@@ -60,6 +60,7 @@ STEP_KEYS = {  # steps.csv column -> logged metric
     "wait_s": "time/wait_s",  # the learner's time waiting for data so far
     "train_s": "time/train_s",
     "staleness_cap": "buffer/staleness_cap",  # the cap in force (async-kl: set by the budget)
+    **{f"kl_lag{lag}": f"divergence/kl_lag{lag}" for lag in (0, 1, 2, 4, 8)},  # KL per token by data age
 }
 CELL_FIELDS = ["variant", "mode", "seed", "steps", "start_reward", "peak_reward", "final_reward", "final_eval_accuracy",
                "collapsed", "seq_w_max", "seq_w_mean", "max_staleness", "response_len", "dropped", "learner_idle",
@@ -210,6 +211,30 @@ def table(cells: list[dict], variants: list[str], modes: list[str], drop: float 
     return "\n".join(lines) + "\n"
 
 
+def admission_table(cells: list[dict], variants: list[str], modes: list[str]) -> str:
+    """Markdown: per variant and async mode, what the staleness rule cost and bought. The
+    samples dropped for staleness, the learner's idle share (waiting for data, of wait +
+    train), the cap in force on average, the largest true sequence weight W and final reward."""
+    by = {}
+    for row in cells:
+        by.setdefault((row["variant"], row["mode"]), []).append(row)
+    head = ["objective", "mode", "seeds", "final reward", "max W", "dropped samples", "learner idle", "mean cap"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in variants:
+        for m in modes:
+            rows = by.get((v, m), [])
+            if not rows or not m.startswith("async"):
+                continue
+            col = {k: np.array([_float(r.get(k)) for r in rows]) for k in
+                   ("final_reward", "seq_w_max", "dropped", "learner_idle", "mean_cap")}  # fmt: skip
+            lines.append(
+                f"| {v} | {m} | {len(rows)} | {np.nanmean(col['final_reward']):.3f} "
+                f"| {np.nanmax(col['seq_w_max']):.3g} | {np.nanmean(col['dropped']):.0f} "
+                f"| {np.nanmean(col['learner_idle']):.0%} | {np.nanmean(col['mean_cap']):.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def plot(steps: list[dict], variants: list[str], modes: list[str], smooth: int, path: Path) -> None:
     """Reward vs learner step: one panel per mode, one line per objective (mean over seeds,
     moving average), the seeds' range shaded."""
@@ -322,7 +347,10 @@ def main(argv: list[str] | None = None) -> None:
             ray.shutdown()
     all_cells, all_steps = read_csv(cells_csv), read_csv(steps_csv)
     modes = [m for m in args.modes if any(r["mode"] == m for r in all_cells)]
-    (out / "table.md").write_text(table(all_cells, args.variants, modes, args.collapse_drop))
+    text = table(all_cells, args.variants, modes, args.collapse_drop)
+    if any(m.startswith("async") for m in modes):
+        text += "\n" + admission_table(all_cells, args.variants, modes)
+    (out / "table.md").write_text(text)
     plot(all_steps, args.variants, modes, args.smooth, out / "reward_vs_step.png")
     console.print((out / "table.md").read_text())
     console.print(f"wrote {steps_csv}, {cells_csv}, {out / 'table.md'}, {out / 'reward_vs_step.png'} "

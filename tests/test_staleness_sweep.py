@@ -39,6 +39,28 @@ def test_collapse_means_rising_then_falling_below_the_start():
     assert got["steady"]["seq_w_max"] == 30.0 and got["steady"]["max_staleness"] == 3
 
 
+def test_a_cells_row_has_drops_idle_share_cap_and_length():
+    rows = [{"step": i, "reward": 0.5, "response_len": 100.0 + 10 * i, "staleness_cap": cap, "dropped": 8 * i,
+             "wait_s": 1.0 * i, "train_s": 3.0 * i} for i, cap in [(1, 8.0), (2, 2.0), (3, 2.0)]]  # fmt: skip
+    got = sweep.summarise(sweep.Cell("vespo", "async-kl0.01", 0), rows, 1.0, smooth=2, drop=0.1)
+    assert got["dropped"] == 24  # running totals: the last step's
+    assert got["learner_idle"] == pytest.approx(0.25)  # 3 s waiting of 3 + 9
+    assert got["mean_cap"] == pytest.approx(4.0) and got["response_len"] == pytest.approx(120.0)
+
+
+def test_admission_table_reports_what_each_async_rule_cost():
+    cells = [
+        {"variant": "vespo", "mode": m, "seed": s, "final_reward": f, "seq_w_max": w, "dropped": d,
+         "learner_idle": i, "mean_cap": c}
+        for m, s, f, w, d, i, c in [("async", 0, 0.2, 200.0, 0, 0.5, 8.0), ("async", 1, 0.4, 20.0, 0, 0.7, 8.0),
+                                    ("async-kl0.01", 0, 0.3, 9.0, 100, 0.8, 2.5), ("sync-1", 0, 0.5, 1.0, 0, 0.1, "")]
+    ]  # fmt: skip
+    text = sweep.admission_table(cells, ["vespo"], ["sync-1", "async", "async-kl0.01"])
+    assert "| vespo | async | 2 | 0.300 | 200 | 0 | 60% | 8.00 |" in text
+    assert "| vespo | async-kl0.01 | 1 | 0.300 | 9 | 100 | 80% | 2.50 |" in text
+    assert "sync-1" not in text  # sync rounds train what they generate: no admission rule to compare
+
+
 def test_table_and_plot_from_csv_rows(tmp_path):
     cells = [
         {"variant": "vespo", "mode": "sync-4", "seed": s, "start_reward": 0.62, "final_reward": f,
