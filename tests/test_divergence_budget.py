@@ -135,6 +135,7 @@ def test_kl_is_binned_by_lag_over_response_tokens_and_micro_batches():
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     """One in-process rank (world size 1) on a tiny random model."""
+    import deepspeed.comm
     import torch.distributed as dist
 
     from learner.config import LearnerConfig
@@ -145,8 +146,8 @@ def worker(tmp_path_factory):
     w = LearnerWorker(LearnerConfig(model_path=model_dir, micro_batch_tokens=40))
     yield w
     w.engine.destroy()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if dist.is_initialized():  # DeepSpeed's own: it also drops the groups DeepSpeed cached, or
+        deepspeed.comm.destroy_process_group()  # the next in-process rank would meet a dead one
     os.environ.clear()
     os.environ.update(environ)
 

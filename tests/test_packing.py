@@ -164,6 +164,7 @@ def test_pack_sequences_is_on_by_default_and_validated():
 @pytest.fixture
 def worker(model_dir):
     """One in-process rank (world size 1): it forms and leaves its own process group."""
+    import deepspeed.comm
     import torch.distributed as dist
 
     from learner.worker import LearnerWorker
@@ -172,8 +173,8 @@ def worker(model_dir):
     w = LearnerWorker(LearnerConfig(model_path=model_dir, lr=1e-3, micro_batch_tokens=300))
     yield w
     w.engine.destroy()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if dist.is_initialized():  # DeepSpeed's own: it also drops the groups DeepSpeed cached, or
+        deepspeed.comm.destroy_process_group()  # the next in-process rank would meet a dead one
     os.environ.clear()
     os.environ.update(environ)
 
