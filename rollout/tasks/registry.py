@@ -85,34 +85,40 @@ class TaskConfig:
             raise ConfigError("the math task needs task.path: a .jsonl or .parquet file with prompt and answer")
 
 
-class ArithmeticTask:
-    name = "arithmetic"
+class GeneratedTask:
+    """A task whose problems are generated from the seed: `train_size` for training, and
+    `eval_size` held out, drawn from the next seed."""
+
+    name = ""
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+
+    def problems(self, count: int, seed: int) -> list:
+        raise NotImplementedError
 
     def samples(self, split: str) -> list[TaskSample]:
         count, seed = (
             (self.cfg.train_size, self.cfg.seed) if split == "train" else (self.cfg.eval_size, self.cfg.seed + 1)
         )
-        problems = arithmetic.problems(count, seed=seed, max_digits=self.cfg.max_digits)
-        return [TaskSample(f"{split}-{i}", p.prompt, p.answer, chat=False) for i, p in enumerate(problems)]
+        return [TaskSample(f"{split}-{i}", p.prompt, p.answer, chat=False)
+                for i, p in enumerate(self.problems(count, seed))]  # fmt: skip
 
 
-class RepeatedAdditionTask:
-    """Long answers: "7x13:" -> "01=007 02=014 ... 13=091" (rollout/tasks/repeated_addition.py)."""
+class ArithmeticTask(GeneratedTask):
+    name = "arithmetic"
+
+    def problems(self, count: int, seed: int) -> list:
+        return arithmetic.problems(count, seed=seed, max_digits=self.cfg.max_digits)
+
+
+class RepeatedAdditionTask(GeneratedTask):
+    """Long answers: "7x13:" -> "7,13=007 7,12=014 ... 7,01=091" (rollout/tasks/repeated_addition.py)."""
 
     name = "repeated_addition"
 
-    def __init__(self, cfg: TaskConfig):
-        self.cfg = cfg
-
-    def samples(self, split: str) -> list[TaskSample]:
-        count, seed = (
-            (self.cfg.train_size, self.cfg.seed) if split == "train" else (self.cfg.eval_size, self.cfg.seed + 1)
-        )
-        problems = repeated_addition.problems(count, seed=seed)
-        return [TaskSample(f"{split}-{i}", p.prompt, p.answer, chat=False) for i, p in enumerate(problems)]
+    def problems(self, count: int, seed: int) -> list:
+        return repeated_addition.problems(count, seed=seed)
 
 
 def make_task(cfg: TaskConfig) -> Task:
