@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +57,25 @@ def synthetic_trajectories(n_groups: int = 4, group_size: int = 4, seed: int = 0
                 )
             )
     return out
+
+
+@contextmanager
+def in_process_rank(cfg) -> Iterator:
+    """One learner rank (world size 1) in the test process. It forms its own process group and
+    leaves through DeepSpeed's teardown, which also drops the groups DeepSpeed cached: the next
+    in-process rank would otherwise meet a dead one. The environment it set is restored."""
+    import deepspeed.comm
+    import torch.distributed as dist
+
+    from learner.worker import LearnerWorker
+
+    environ = dict(os.environ)
+    worker = LearnerWorker(cfg)
+    try:
+        yield worker
+    finally:
+        worker.engine.destroy()
+        if dist.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)

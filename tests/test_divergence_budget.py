@@ -4,7 +4,6 @@ applying that cap to eviction and admission, the config rule, and the controller
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import FakeEngine, FakeLearner, FakeLogger, assemble, fake_config, make_group, wait_until
-from learner_fixtures import VOCAB, save_tiny_llama
+from learner_fixtures import VOCAB, in_process_rank, save_tiny_llama
 
 from buffer import BufferConfig, ReplayBuffer, Trajectory
 from buffer.actor import _BufferActor
@@ -135,21 +134,11 @@ def test_kl_is_binned_by_lag_over_response_tokens_and_micro_batches():
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     """One in-process rank (world size 1) on a tiny random model."""
-    import deepspeed.comm
-    import torch.distributed as dist
-
     from learner.config import LearnerConfig
-    from learner.worker import LearnerWorker
 
     model_dir = save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
-    environ = dict(os.environ)
-    w = LearnerWorker(LearnerConfig(model_path=model_dir, micro_batch_tokens=40))
-    yield w
-    w.engine.destroy()
-    if dist.is_initialized():  # DeepSpeed's own: it also drops the groups DeepSpeed cached, or
-        deepspeed.comm.destroy_process_group()  # the next in-process rank would meet a dead one
-    os.environ.clear()
-    os.environ.update(environ)
+    with in_process_rank(LearnerConfig(model_path=model_dir, micro_batch_tokens=40)) as w:
+        yield w
 
 
 def mixed_version_trajectories() -> list[Trajectory]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from learner_fixtures import VOCAB, save_tiny_llama
+from learner_fixtures import VOCAB, in_process_rank, save_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from buffer.trajectory import Trajectory
@@ -164,19 +163,8 @@ def test_pack_sequences_is_on_by_default_and_validated():
 @pytest.fixture
 def worker(model_dir):
     """One in-process rank (world size 1): it forms and leaves its own process group."""
-    import deepspeed.comm
-    import torch.distributed as dist
-
-    from learner.worker import LearnerWorker
-
-    environ = dict(os.environ)
-    w = LearnerWorker(LearnerConfig(model_path=model_dir, lr=1e-3, micro_batch_tokens=300))
-    yield w
-    w.engine.destroy()
-    if dist.is_initialized():  # DeepSpeed's own: it also drops the groups DeepSpeed cached, or
-        deepspeed.comm.destroy_process_group()  # the next in-process rank would meet a dead one
-    os.environ.clear()
-    os.environ.update(environ)
+    with in_process_rank(LearnerConfig(model_path=model_dir, lr=1e-3, micro_batch_tokens=300)) as w:
+        yield w
 
 
 def test_a_worker_step_is_the_same_packed_and_padded(worker):
