@@ -4,6 +4,7 @@ again; the run finishes with no group lost and none trained twice."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 
@@ -29,6 +30,26 @@ def engine_cores() -> set[int]:
         if "EngineCore" in text:
             found.add(p.pid)
     return found
+
+
+def hold_if_generating(actor, seconds: float) -> int:
+    """Run inside the engine actor (`__ray_call__`): on its event loop, count the requests inside
+    vLLM and, if there are any, block the loop for `seconds`, so none of them can reach the
+    buffer before the kill that follows. Checking and killing from outside raced with fast
+    toy generations: the engine could push everything it held in between."""
+    tasks = list(actor._background)
+    if actor.engine is None or not tasks:
+        return 0
+    counted: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+    def on_loop() -> None:
+        running = actor.engine.running()
+        counted.set_result(running)
+        if running:
+            time.sleep(seconds)  # the loop is frozen: nothing it holds is pushed
+
+    tasks[0].get_loop().call_soon_threadsafe(on_loop)
+    return counted.result(timeout=10)
 
 
 def kill_inside_broadcast(controller: Controller, at_step: int, killed: list[str]) -> None:
@@ -70,7 +91,7 @@ def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and not controller._stop.is_set():
                     try:  # kill while it holds prompts, so there is something to requeue
-                        if ray.get(handle.in_flight.remote()) > 0:
+                        if ray.get(handle.__ray_call__.remote(hold_if_generating, 30.0)) > 0:
                             break
                     except Exception:
                         break
