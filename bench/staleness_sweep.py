@@ -120,7 +120,7 @@ def cell_config(args: argparse.Namespace, cell: Cell):
         cap, kl = is_async.groups()
         staleness, budget = (int(cap) if cap else args.async_max_staleness), (float(kl) if kl else None)
     # replace() re-runs each section's validation
-    learner = replace(cfg.learner, objective=objective, objective_config=dict(options), lr=args.lr, seed=cell.seed)
+    learner = replace(cfg.learner, objective=objective, objective_config={**cfg.learner.objective_config, **options}, lr=args.lr, seed=cell.seed)
     train = replace(cfg.train, mode="async" if is_async else "sync", staleness_ratio=n, steps=args.steps,
                     groups_per_step=args.groups_per_step, eval_every=args.eval_every or args.steps,
                     output_dir=str(Path(args.out) / "cells" / cell.name))  # fmt: skip

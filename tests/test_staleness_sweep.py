@@ -89,6 +89,10 @@ def test_cell_config_sets_objective_mode_and_staleness():
     assert (capped.train.mode, capped.buffer.max_staleness, capped.buffer.divergence_budget) == ("async", 2, None)
     nats = sweep.cell_config(args, sweep.Cell("vespo", "async-kl0.004", 0))
     assert (nats.train.mode, nats.buffer.max_staleness, nats.buffer.divergence_budget) == ("async", 5, 0.004)
+    # an objective option given as an override reaches every cell; the variant's own win
+    args = sweep.parse_args(["learner.objective_config.agg=seq-mean-token-mean"])
+    merged = sweep.cell_config(args, sweep.Cell("vespo-lennorm", "sync-1", 0)).learner.objective_config
+    assert merged == {"agg": "seq-mean-token-mean", "length_norm": True}
     for bad in ("sync-0", "async-cap", "async-klx", "async2"):
         with pytest.raises(SystemExit):
             sweep.parse_args(["--modes", bad])
