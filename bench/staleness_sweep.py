@@ -120,7 +120,8 @@ def cell_config(args: argparse.Namespace, cell: Cell):
         cap, kl = is_async.groups()
         staleness, budget = (int(cap) if cap else args.async_max_staleness), (float(kl) if kl else None)
     # replace() re-runs each section's validation
-    learner = replace(cfg.learner, objective=objective, objective_config={**cfg.learner.objective_config, **options}, lr=args.lr, seed=cell.seed)
+    options = {**cfg.learner.objective_config, **options}  # an override's option, unless the variant sets it
+    learner = replace(cfg.learner, objective=objective, objective_config=options, lr=args.lr, seed=cell.seed)
     train = replace(cfg.train, mode="async" if is_async else "sync", staleness_ratio=n, steps=args.steps,
                     groups_per_step=args.groups_per_step, eval_every=args.eval_every or args.steps,
                     output_dir=str(Path(args.out) / "cells" / cell.name))  # fmt: skip
@@ -183,10 +184,17 @@ def _float(v) -> float:
         return float("nan")
 
 
+def one_batch(mode: str, steps: int) -> bool:
+    """A sync-N cell with N >= its steps trains on one batch sampled from the initial policy:
+    its training reward is that policy's, so the rose-then-fell rules say nothing about it."""
+    return mode.startswith("sync-") and int(mode[5:]) >= steps
+
+
 def table(cells: list[dict], variants: list[str], modes: list[str], drop: float = 0.10) -> str:
     """Markdown: per variant and mode, final reward (mean over seeds, with min-max), collapses
     (rose, then fell below the start), runs that ended below their start whether or not they
-    rose first, the largest sequence weight W seen and the mean W."""
+    rose first (both n/a for a one-batch cell, see `one_batch`), the largest sequence weight W
+    seen and the mean W."""
     by = {}
     for row in cells:
         by.setdefault((row["variant"], row["mode"]), []).append(row)
@@ -200,13 +208,15 @@ def table(cells: list[dict], variants: list[str], modes: list[str], drop: float 
                 continue
             final = np.array([_float(r["final_reward"]) for r in rows])
             acc = np.array([_float(r["final_eval_accuracy"]) for r in rows])
-            collapsed = sum(int(_float(r["collapsed"])) for r in rows)
-            below = sum(_float(r["final_reward"]) < _float(r["start_reward"]) - drop for r in rows)
+            collapsed = f"{sum(int(_float(r['collapsed'])) for r in rows)}/{len(rows)}"
+            below = f"{sum(_float(r['final_reward']) < _float(r['start_reward']) - drop for r in rows)}/{len(rows)}"
+            if all(r.get("steps") not in (None, "") and one_batch(m, int(_float(r["steps"]))) for r in rows):
+                collapsed = below = "n/a"
             w_max = np.nanmax([_float(r["seq_w_max"]) for r in rows])
             w_mean = np.nanmean([_float(r["seq_w_mean"]) for r in rows])
             lines.append(
                 f"| {v} | {m} | {final.mean():.3f} ({final.min():.2f}-{final.max():.2f}) | {np.nanmean(acc):.3f} "
-                f"| {collapsed}/{len(rows)} | {below}/{len(rows)} | {w_max:.3g} | {w_mean:.3g} |"
+                f"| {collapsed} | {below} | {w_max:.3g} | {w_mean:.3g} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -235,38 +245,60 @@ def admission_table(cells: list[dict], variants: list[str], modes: list[str]) ->
     return "\n".join(lines) + "\n"
 
 
+def _curves(steps: list[dict], variant: str, mode: str, column: str) -> tuple[list[int], np.ndarray] | None:
+    """(steps, seeds x steps) of one column for one cell, over the steps every seed logged it."""
+    runs = {}
+    for r in steps:
+        if r["variant"] == variant and r["mode"] == mode and r.get(column) not in (None, ""):
+            runs.setdefault(r["seed"], {})[int(r["step"])] = _float(r[column])
+    if not runs:
+        return None
+    common = sorted(set.intersection(*(set(x) for x in runs.values())))
+    return common, np.array([[x[k] for k in common] for x in runs.values()])
+
+
 def plot(steps: list[dict], variants: list[str], modes: list[str], smooth: int, path: Path) -> None:
     """Reward vs learner step: one panel per mode, one line per objective (mean over seeds,
-    moving average), the seeds' range shaded."""
+    moving average), the seeds' range shaded. When the cells evaluated along the way, a second
+    row shows held-out accuracy: the one to read at large N, where the training reward is the
+    old policy's (a sync-N batch is sampled before its N updates)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), sharey=True, squeeze=False)
+    evals = any(r.get("eval_accuracy") not in (None, "") for r in steps)
+    rows = 2 if evals else 1
+    fig, axes = plt.subplots(rows, len(modes), figsize=(4.2 * len(modes), 3.6 * rows), sharey="row", squeeze=False)
     colours = plt.get_cmap("tab10")
-    for ax, mode in zip(axes[0], modes, strict=True):
+    for col, mode in enumerate(modes):
         for i, v in enumerate(variants):
-            runs = {}
-            for r in steps:
-                if r["variant"] == v and r["mode"] == mode:
-                    runs.setdefault(r["seed"], []).append((int(r["step"]), _float(r["reward"])))
-            if not runs:
-                continue
-            length = min(len(x) for x in runs.values())
-            curves = np.array([[y for _, y in sorted(x)[:length]] for x in runs.values()])
-            window = max(1, min(smooth, length))
-            kernel = np.ones(window) / window
-            sm = np.array([np.convolve(c, kernel, mode="valid") for c in curves])
-            x = np.arange(window, length + 1)
             style = "-" if v.startswith("vespo") else "--"
-            ax.plot(x, sm.mean(0), style, color=colours(i), label=v, linewidth=1.6)
-            if len(sm) > 1:
-                ax.fill_between(x, sm.min(0), sm.max(0), color=colours(i), alpha=0.12)
-        ax.set_title(mode.replace("sync-", "sync, N = "))
-        ax.set_xlabel("learner step")
-        ax.grid(alpha=0.3)
+            found = _curves(steps, v, mode, "reward")
+            if found is not None:
+                at, curves = found
+                window = max(1, min(smooth, len(at)))
+                kernel = np.ones(window) / window
+                sm = np.array([np.convolve(c, kernel, mode="valid") for c in curves])
+                x = np.arange(window, len(at) + 1)
+                ax = axes[0][col]
+                ax.plot(x, sm.mean(0), style, color=colours(i), label=v, linewidth=1.6)
+                if len(sm) > 1:
+                    ax.fill_between(x, sm.min(0), sm.max(0), color=colours(i), alpha=0.12)
+            found = _curves(steps, v, mode, "eval_accuracy") if evals else None
+            if found is not None:
+                at, curves = found
+                ax = axes[1][col]
+                ax.plot(at, curves.mean(0), style, marker="o", color=colours(i), label=v, linewidth=1.6)
+                if len(curves) > 1:
+                    ax.fill_between(at, curves.min(0), curves.max(0), color=colours(i), alpha=0.12)
+        axes[0][col].set_title(mode.replace("sync-", "sync, N = "))
+        for r in range(rows):
+            axes[r][col].set_xlabel("learner step")
+            axes[r][col].grid(alpha=0.3)
     axes[0][0].set_ylabel(f"training reward ({smooth}-step mean)")
+    if evals:
+        axes[1][0].set_ylabel("held-out accuracy")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -74,6 +74,23 @@ def test_table_and_plot_from_csv_rows(tmp_path):
              for s in (0, 1) for i in range(1, 11)]  # fmt: skip
     sweep.plot(steps, ["vespo"], ["sync-4"], 3, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # with evaluations along the way, a second row of panels shows held-out accuracy
+    for row in steps:
+        row["eval_accuracy"] = "0.5" if row["step"] in ("5", "10") else ""
+    sweep.plot(steps, ["vespo"], ["sync-4"], 3, tmp_path / "e.png")
+    height = lambda p: int.from_bytes(p.read_bytes()[20:24], "big")  # noqa: E731 - the PNG header's height
+    assert height(tmp_path / "e.png") > 1.8 * height(tmp_path / "p.png")
+
+
+def test_a_one_batch_cell_has_no_collapse_verdict():
+    """sync-64 over 64 steps trains on one batch from the initial policy: its training reward
+    is that policy's, so rising and falling say nothing about the objective."""
+    cells = [{"variant": "grpo", "mode": m, "seed": 0, "steps": 64, "start_reward": 0.5, "final_reward": 0.3,
+              "final_eval_accuracy": 0.4, "collapsed": 1, "seq_w_max": 9.0, "seq_w_mean": 1.0}
+             for m in ("sync-16", "sync-64")]  # fmt: skip
+    text = sweep.table(cells, ["grpo"], ["sync-16", "sync-64"])
+    assert "| grpo | sync-16 | 0.300 (0.30-0.30) | 0.400 | 1/1 | 1/1 |" in text
+    assert "| grpo | sync-64 | 0.300 (0.30-0.30) | 0.400 | n/a | n/a |" in text
 
 
 def test_cell_config_sets_objective_mode_and_staleness():
