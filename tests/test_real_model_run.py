@@ -21,7 +21,7 @@ from rollout.tasks.word_problems import write_parquet
 from vespo.models import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 3
+STEPS = 2  # two updates and two broadcasts: enough to show training moved the weights and served them
 
 
 def vespo(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
