@@ -140,6 +140,7 @@ def summarise(cell: Cell, rows: list[dict], wall_s: float, smooth: int, drop: fl
     start, peak_at = float(smoothed[0]), int(np.argmax(smoothed))
     peak, final = float(smoothed[peak_at]), float(smoothed[-1])
     collapsed = peak > start + 0.02 and float(smoothed[peak_at:].min()) < start - drop
+    verdict = "" if one_batch(cell.mode, len(rows)) else int(collapsed)  # no verdict on the initial policy's reward
     evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") not in (None, "")]
     w_max = [r["seq_w_max"] for r in rows if r.get("seq_w_max") not in (None, "")]
     w_mean = [r["seq_w_mean"] for r in rows if r.get("seq_w_mean") not in (None, "")]
@@ -151,7 +152,7 @@ def summarise(cell: Cell, rows: list[dict], wall_s: float, smooth: int, drop: fl
         "variant": cell.variant, "mode": cell.mode, "seed": cell.seed, "steps": len(rows),
         "start_reward": round(start, 4), "peak_reward": round(peak, 4), "final_reward": round(final, 4),
         "final_eval_accuracy": round(float(evals[-1]), 4) if evals else "",
-        "collapsed": int(collapsed), "seq_w_max": float(np.max(w_max)) if w_max else "",
+        "collapsed": verdict, "seq_w_max": float(np.max(w_max)) if w_max else "",
         "seq_w_mean": round(float(np.mean(w_mean)), 4) if w_mean else "",
         "max_staleness": max((r.get("staleness_max") or 0) for r in rows),
         "response_len": round(float(np.mean(lengths)), 1) if lengths else "",
@@ -208,10 +209,11 @@ def table(cells: list[dict], variants: list[str], modes: list[str], drop: float 
                 continue
             final = np.array([_float(r["final_reward"]) for r in rows])
             acc = np.array([_float(r["final_eval_accuracy"]) for r in rows])
-            collapsed = f"{sum(int(_float(r['collapsed'])) for r in rows)}/{len(rows)}"
-            below = f"{sum(_float(r['final_reward']) < _float(r['start_reward']) - drop for r in rows)}/{len(rows)}"
             if all(r.get("steps") not in (None, "") and one_batch(m, int(_float(r["steps"]))) for r in rows):
                 collapsed = below = "n/a"
+            else:
+                collapsed = f"{sum(int(_float(r['collapsed'])) for r in rows)}/{len(rows)}"
+                below = f"{sum(_float(r['final_reward']) < _float(r['start_reward']) - drop for r in rows)}/{len(rows)}"
             w_max = np.nanmax([_float(r["seq_w_max"]) for r in rows])
             w_mean = np.nanmean([_float(r["seq_w_mean"]) for r in rows])
             lines.append(
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             console.print(
                 f"[{i + 1}/{len(todo)}] {cell.name}: reward {summary['start_reward']:.2f} -> peak "
                 f"{summary['peak_reward']:.2f} -> final {summary['final_reward']:.2f}"
-                f"{'  COLLAPSED' if summary['collapsed'] else ''}, max W {summary['seq_w_max']:.3g}, "
+                f"{'  COLLAPSED' if summary['collapsed'] == 1 else ''}, max W {summary['seq_w_max']:.3g}, "
                 f"{wall:.0f}s (elapsed {elapsed / 60:.1f} min, eta {eta / 60:.1f} min)"
             )
     finally:

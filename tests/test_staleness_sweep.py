@@ -91,6 +91,9 @@ def test_a_one_batch_cell_has_no_collapse_verdict():
     text = sweep.table(cells, ["grpo"], ["sync-16", "sync-64"])
     assert "| grpo | sync-16 | 0.300 (0.30-0.30) | 0.400 | 1/1 | 1/1 |" in text
     assert "| grpo | sync-64 | 0.300 (0.30-0.30) | 0.400 | n/a | n/a |" in text
+    rise_fall = rows_of([0.4] * 20 + [0.6] * 20 + [0.1] * 24)  # 64 steps: a collapse by the rule, at N = 16
+    assert sweep.summarise(sweep.Cell("grpo", "sync-16", 0), rise_fall, 1.0, smooth=5, drop=0.1)["collapsed"] == 1
+    assert sweep.summarise(sweep.Cell("grpo", "sync-64", 0), rise_fall, 1.0, smooth=5, drop=0.1)["collapsed"] == ""
 
 
 def test_cell_config_sets_objective_mode_and_staleness():
