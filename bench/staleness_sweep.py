@@ -83,6 +83,11 @@ class Cell:
         return f"{self.variant}_{self.mode}_s{self.seed}"
 
 
+def sync_ratio(mode: str) -> int:
+    """N of a "sync-N" mode; 0 for any other mode (async ones, or a malformed name)."""
+    return int(mode[5:]) if mode.startswith("sync-") and mode[5:].isdigit() else 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.staleness_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -102,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="dotted overrides on the base config, e.g. rollout.n=4")
     args = p.parse_args(argv)
     for mode in args.modes:
-        if not _ASYNC.match(mode) and not (mode.startswith("sync-") and mode[5:].isdigit() and int(mode[5:]) >= 1):
+        if not _ASYNC.match(mode) and sync_ratio(mode) < 1:
             p.error(f"mode {mode!r}: use sync-N (N >= 1), async, async-capK or async-klB")
     return args
 
@@ -114,7 +119,7 @@ def cell_config(args: argparse.Namespace, cell: Cell):
     cfg = run_config.load(args.config, args.overrides)
     objective, options = VARIANTS[cell.variant]
     is_async = _ASYNC.match(cell.mode)
-    n = 1 if is_async else int(cell.mode[5:])
+    n = 1 if is_async else sync_ratio(cell.mode)
     staleness, budget = max(cfg.buffer.max_staleness, n - 1), None
     if is_async:
         cap, kl = is_async.groups()
@@ -188,7 +193,7 @@ def _float(v) -> float:
 def one_batch(mode: str, steps: int) -> bool:
     """A sync-N cell with N >= its steps trains on one batch sampled from the initial policy:
     its training reward is that policy's, so the rose-then-fell rules say nothing about it."""
-    return mode.startswith("sync-") and int(mode[5:]) >= steps
+    return sync_ratio(mode) >= steps
 
 
 def table(cells: list[dict], variants: list[str], modes: list[str], drop: float = 0.10) -> str:
