@@ -25,6 +25,7 @@ import numpy as np
 
 from bench.sim_model import CostModel
 from bench.sim_world import Ledger, SimPending, World, remote
+from buffer.divergence import metric_key
 from buffer.replay import Batch, ReplayBuffer
 from buffer.trajectory import Trajectory
 from rollout.records import PromptItem
@@ -265,7 +266,8 @@ class SimLearner:
         self.driver_s += driver
         self.world.sleep_until(start + driver + self.model.train_s(tokens, self.ranks))
         self.records.append(TrainRecord(start, self.world.now(), tokens, list(batch.staleness), batch.version))
-        return {"actor/loss": 0.0}
+        drift = {metric_key(lag): self.model.batch_kl(lag, batch.version) for lag in sorted(set(batch.staleness))}
+        return {"actor/loss": 0.0, **drift}
 
     @remote("learner.open_weight_sync")
     def open_weight_sync(self, num_receivers: int, bucket_bytes: int) -> tuple[str, int, str]:
@@ -317,6 +319,12 @@ class CountedBuffer:
     def __init__(self, buffer: ReplayBuffer, world: World, ledger: Ledger):
         self.buffer, self.world, self.ledger = buffer, world, ledger
         self.refused = 0  # admit calls that got fewer groups than they asked for
+        self.caps: list[tuple[float, int | None]] = []  # (simulated time, cap) at each change
+
+    @remote("buffer.set_staleness_cap")
+    def set_staleness_cap(self, cap: int | None) -> None:
+        self.buffer.set_staleness_cap(cap)
+        self.caps.append((self.world.now(), cap))
 
     @remote("buffer.admit")
     def admit(self, current_version: int, wanted: int) -> int:

@@ -68,6 +68,17 @@ BROADCAST_LATENCY_S = 2.5
 RAY_CALL_S = 1 / 2018  # "1:1 async-actor calls sync": 2,018/s in `ray microbenchmark` (ray-project/ray#16222)
 RAY_CALL_CPU_S = 1 / 14090  # caller CPU per call: "single client tasks async" 14,090/s, same run
 
+# -- policy drift per version, what buffer.divergence_budget reads ----------------------------------
+# The learner reports KL(mu || pi) per response token by lag (learner.divergence_metrics). Here it
+# is the engine/learner mismatch at lag 0 plus a drift linear in the updates between sampling and
+# training, times one batch's lognormal noise. The numbers are the long-answer task's on this
+# machine (docs/results.md: about 0.0002 at lag 0, 0.0004 more a version, one batch's value at a
+# lag varying several-fold). A 7B run's drift per version depends on its learning rate and is not
+# published: these set the scale of a budget, they are not a prediction.
+KL_MISMATCH = 2e-4
+KL_PER_VERSION = 4e-4
+KL_NOISE_SIGMA = 0.5
+
 
 def lognormal_lengths(rng: np.random.Generator, n: int, median: float, sigma_prompt: float, sigma_sample: float,
                       cap: int) -> np.ndarray:  # fmt: skip
@@ -96,6 +107,9 @@ class CostModel:
     # and splits it over the ranks before they start: seconds per padded cell, measured by
     # bench.simulate on this machine (0: left out)
     driver_cell_s: float = 0.0
+    kl_mismatch: float = KL_MISMATCH
+    kl_per_version: float = KL_PER_VERSION
+    kl_noise_sigma: float = KL_NOISE_SIGMA
 
     def __post_init__(self) -> None:
         lengths = lognormal_lengths(np.random.default_rng(0), 200_000, self.length_median, 0.0,
@@ -124,6 +138,12 @@ class CostModel:
         lengths = lognormal_lengths(rng, n, self.length_median, self.sigma_prompt, self.sigma_sample, self.max_response)
         return lengths, rng.integers(0, 2, n)
 
+    def batch_kl(self, lag: int, version: int) -> float:
+        """The KL per token a batch trained at `version` measures on its data `lag` versions old,
+        fixed by the two: every layout sees the same noise at the same step and lag."""
+        noise = np.random.default_rng([version, lag]).standard_normal()
+        return (self.kl_mismatch + self.kl_per_version * lag) * math.exp(self.kl_noise_sigma * noise)
+
     def train_s(self, tokens: int, ranks: int) -> float:
         return tokens / (self.train_tokens_s_per_rank * ranks) + self.train_overhead_s
 
@@ -140,4 +160,6 @@ class CostModel:
             f"{self.truncated:.1%} cut at {self.max_response}",
             f"learner: {self.train_tokens_s_per_rank:.0f} tokens/s per rank + {self.train_overhead_s:.1f} s a step; "
             f"weight broadcast {self.broadcast_s:.2f} s (engines paused)",
+            f"drift: KL per token {self.kl_mismatch:g} at lag 0 + {self.kl_per_version:g} a version, lognormal "
+            f"noise sigma {self.kl_noise_sigma:g} per batch and lag",
         ]

@@ -34,6 +34,7 @@ class Layout:
     steps: int = 12
     staleness_ratio: int = 1  # sync: the paper's N
     max_staleness: int = 4  # async: the buffer's cap (and admission)
+    divergence_budget: float | None = None  # async: buffer.divergence_budget (KL per token)
     max_inflight_groups: int | None = None  # per engine, async; None: as many as its KV cache holds
     scale: float = 200.0  # simulated seconds per real second
     warmup_steps: int = 2  # left out of the steady-state figures (the pipeline filling)
@@ -42,7 +43,11 @@ class Layout:
 
     @property
     def label(self) -> str:
-        return f"sync N={self.staleness_ratio}" if self.mode == "sync" else f"async cap {self.max_staleness}"
+        if self.mode == "sync":
+            return f"sync N={self.staleness_ratio}"
+        if self.divergence_budget is not None:
+            return f"async KL {self.divergence_budget:g}"
+        return f"async cap {self.max_staleness}"
 
 
 @dataclass
@@ -61,6 +66,7 @@ class SimResult:
     dropped_groups: int
     generated_groups: int  # pushed into the buffer by the engines
     refused_admits: int  # admit calls that got fewer groups than asked for
+    caps: list  # (simulated time, cap) each time buffer.divergence_budget changed the buffer's cap
 
     @property
     def steps(self) -> int:
@@ -82,6 +88,18 @@ class SimResult:
         for the weight broadcast)."""
         k, start, end = self._window()
         return 1 - sum(r.end - r.start for r in self.train[-k:]) / (end - start)
+
+    def caps_in_force(self) -> list[int]:
+        """The staleness cap each step trained under: the version cap, or the last one the
+        divergence budget set before the step began."""
+        out = []
+        for record in self.train:
+            cap = self.layout.max_staleness
+            for at, value in self.caps:
+                if at <= record.start:
+                    cap = self.layout.max_staleness if value is None else value
+            out.append(cap)
+        return out
 
     @property
     def engine_busy(self) -> float:
@@ -128,6 +146,7 @@ def make_config(layout: Layout, output_dir: str, model: CostModel) -> run_config
         f"train.staleness_ratio={m.staleness_ratio if sync else 1}", f"buffer.max_staleness={cap}",
         f"buffer.capacity={capacity}", f"train.max_inflight_groups={inflight}", "train.batch_timeout_s=1e7",
         f"train.num_engines={m.engines}",
+        *([f"buffer.divergence_budget={m.divergence_budget}"] if m.divergence_budget is not None else []),
     ])  # fmt: skip
 
 
@@ -167,7 +186,7 @@ def simulate(layout: Layout, model: CostModel | None = None) -> SimResult:
         layout, model, summary, learner.records, calls, own, buffer_calls + put_cpu,
         sum(ledger.cpu.values()) - buffer_calls - put_cpu + world.event_cpu_s, learner.driver_s, real,
         sum(e.stats_.generate_s for e in engines), int(buffer.metrics()["buffer/dropped_groups"]),
-        sum(e.groups_pushed for e in engines), counted.refused,
+        sum(e.groups_pushed for e in engines), counted.refused, counted.caps,
     )  # fmt: skip
 
 

@@ -2,14 +2,17 @@
 admission code driving simulated engines and learner ranks at the paper's layout.
 
     python -m bench.simulate [--sync-steps 10] [--async-steps 20] [--sweep 48 96 192 384] [--sweep-steps 16]
-                             [--scale 250]
+                             [--scale 250] [--caps 2] [--budgets 0.001 0.0015]
 
 Engines are continuous-batching decoders and the learner a data-parallel group, timed by the
 cost model of bench/sim_model.py (a 7B model on H100s); the clock runs `scale` times faster
 than real time (bench/sim_world.py). Printed: sync (N=1) against async (staleness cap 4) at
 48 engines, 16 learner ranks, 256 prompts x 8 responses a step, then a sweep of engine counts
 at a fixed load per engine (prompts and learner ranks grow with the engines) for where the
-controller itself stops keeping up. One process, one run; compare the figures within it.
+controller itself stops keeping up. With --budgets: async under fixed version caps (--caps)
+against `buffer.divergence_budget` admission, the learner reporting KL by lag from the cost
+model's drift per version, on throughput (learner idle, samples dropped, the cap in force).
+One process, one run; compare the figures within it.
 """
 
 from __future__ import annotations
@@ -94,6 +97,18 @@ def compare(sync: SimResult, asyn: SimResult) -> list[str]:
     return lines
 
 
+def admission_lines(results: list[SimResult]) -> list[str]:
+    """Fixed version caps against divergence budgets: what each rule cost in throughput."""
+    lines = [f"{'rule':<16} {'s/step':>7} {'tokens/s':>9} {'learner idle':>12} {'dropped':>8} {'mean cap':>8}  "
+             "staleness of trained samples"]  # fmt: skip
+    for r in results:
+        k = r.steps - min(r.layout.warmup_steps, r.steps - 1)
+        cap = float(np.mean(r.caps_in_force()[-k:]))
+        lines.append(f"{r.layout.label:<16} {r.step_s:>7.1f} {tokens_s(r):>9.0f} {r.learner_idle:>12.1%} "
+                     f"{dropped(r):>8.1%} {cap:>8.2f}  {staleness_line(r)}")  # fmt: skip
+    return lines
+
+
 def sweep(engines: list[int], steps: int, scale: float, model: CostModel) -> list[SimResult]:
     out = []
     for e in engines:
@@ -171,6 +186,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", type=int, nargs="*", default=[48, 96, 192, 384])
     p.add_argument("--sweep-steps", type=int, default=16)
     p.add_argument("--scale", type=float, default=250.0, help="simulated seconds per real second")
+    p.add_argument(
+        "--budgets",
+        type=float,
+        nargs="*",
+        default=[],
+        help="buffer.divergence_budget values (KL per token) to compare with fixed caps, async",
+    )
+    p.add_argument(
+        "--caps",
+        type=int,
+        nargs="*",
+        default=[2],
+        help="fixed version caps to compare with the budgets, besides 4 (only with --budgets)",
+    )
     args = p.parse_args(argv)
     started = time.perf_counter()
     model = CostModel()
@@ -188,6 +217,17 @@ def main(argv: list[str] | None = None) -> None:
     asyn = simulate(Layout("async", steps=args.async_steps, warmup_steps=warm, scale=args.scale), model)
     for line in compare(sync, asyn):
         print(line)
+    if args.budgets:
+        rules = [Layout("async", steps=args.async_steps, warmup_steps=warm, scale=args.scale, max_staleness=c)
+                 for c in args.caps]  # fmt: skip
+        rules += [Layout("async", steps=args.async_steps, warmup_steps=warm, scale=args.scale, divergence_budget=b)
+                  for b in args.budgets]  # fmt: skip
+        print(
+            f"\nstaleness rules, async ({asyn.layout.label} as above; budgets within version cap "
+            f"{BASE.max_staleness}; drift {model.kl_mismatch:g} + {model.kl_per_version:g} nats a version):"
+        )
+        for line in admission_lines([asyn, *(simulate(layout, model) for layout in rules)]):
+            print(line)
     if args.sweep:
         print(
             f"\nsweep: async, fixed load per engine ({BASE.groups_per_step // BASE.engines}+ prompts and "

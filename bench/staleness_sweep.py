@@ -252,6 +252,60 @@ def admission_table(cells: list[dict], variants: list[str], modes: list[str]) ->
     return "\n".join(lines) + "\n"
 
 
+def gain_table(steps: list[dict], variants: list[str], modes: list[str], block: int) -> str:
+    """Markdown: per variant and mode, the training reward's gain over a one-batch cell of the same
+    seed, by blocks of `block` steps (mean over seeds), and the last block's gain per seed.
+
+    A seed fixes the prompts of every step, and a one-batch cell (sync-N, N >= steps) trains on
+    a batch the initial policy sampled, so its reward at step t is the initial policy's on the
+    prompts every other cell of that seed trained on at step t. The difference is what training
+    bought on the same prompts, without the prompt-to-prompt noise a reward curve carries. The
+    baseline is the variant's own one-batch cell, else the first variant's that has one. Empty
+    when no cell is one-batch."""
+    reward: dict[tuple, dict[int, float]] = {}
+    for r in steps:
+        if r.get("reward") not in (None, ""):
+            reward.setdefault((r["variant"], r["mode"], str(r["seed"])), {})[int(r["step"])] = _float(r["reward"])
+    length = {key: max(series) for key, series in reward.items()}
+    base_modes = [m for m in modes if any(k[1] == m and one_batch(m, n) for k, n in length.items())]
+    if not base_modes:
+        return ""
+    base_mode = base_modes[0]
+
+    def baseline(variant: str, seed: str) -> dict[int, float] | None:
+        for v in [variant, *variants]:
+            if (v, base_mode, seed) in reward:
+                return reward[(v, base_mode, seed)]
+        return None
+
+    nblocks = max(length.values()) // block
+    head = ["objective", "mode", "seeds", *(f"steps {b * block + 1}-{(b + 1) * block}" for b in range(nblocks)),
+            "last block, per seed"]  # fmt: skip
+    lines = [f"Training-reward gain over {base_mode} on the same prompts (same seed):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for v in variants:
+        for m in modes:
+            if m == base_mode:
+                continue
+            gains = []  # per seed: gain per block
+            for (cv, cm, seed), series in sorted(reward.items()):
+                base = baseline(v, seed) if (cv, cm) == (v, m) else None
+                if base is None:
+                    continue
+                per_block = []
+                for b in range(nblocks):
+                    at = [t for t in range(b * block + 1, (b + 1) * block + 1) if t in series and t in base]
+                    per_block.append(float(np.mean([series[t] - base[t] for t in at])) if at else float("nan"))
+                gains.append(per_block)
+            if not gains:
+                continue
+            g = np.array(gains)
+            cells = [f"{x:+.2f}" for x in np.nanmean(g, axis=0)]
+            lines.append(f"| {v} | {m} | {len(g)} | " + " | ".join(cells) + " | "
+                         + " ".join(f"{x:+.2f}" for x in g[:, -1]) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def _curves(steps: list[dict], variant: str, mode: str, column: str) -> tuple[list[int], np.ndarray] | None:
     """(steps, seeds x steps) of one column for one cell, over the steps every seed logged it."""
     runs = {}
@@ -389,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     text = table(all_cells, args.variants, modes, args.collapse_drop)
     if any(m.startswith("async") for m in modes):
         text += "\n" + admission_table(all_cells, args.variants, modes)
+    gains = gain_table(all_steps, args.variants, modes, args.eval_every or 16)
+    text += "\n" + gains if gains else ""
     (out / "table.md").write_text(text)
     plot(all_steps, args.variants, modes, args.smooth, out / "reward_vs_step.png")
     console.print((out / "table.md").read_text())

@@ -5,6 +5,7 @@ long as training on it, and the remote calls per step are the ones the design ma
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -91,3 +92,26 @@ def test_the_controller_is_charged_its_own_cpu_and_its_clock_is_restored(async2)
     assert sources.time is time  # the controller's modules read the real clock again
     # the controller's own accounting ran on the simulated clock: its wall time is the steps'
     assert async2.summary.wall_s == pytest.approx(async2.train[-1].end, rel=0.05)
+
+
+def test_a_divergence_budget_caps_staleness_by_the_drift_the_learner_reports():
+    """buffer.divergence_budget in the simulation: the simulated learner reports KL by lag from
+    the cost model's drift, and the real controller and buffer turn a budget into a cap. With
+    drift 0.01 a version, a budget of 0.015 allows lag 1 only; a budget of 1 allows the version
+    cap. Nothing else differs between the two runs."""
+    model = dataclasses.replace(small_model(), kl_mismatch=0.0, kl_per_version=0.01, kl_noise_sigma=0.0)
+
+    def run_budget(budget: float):
+        layout = Layout("async", engines=ENGINES, ranks=2, groups_per_step=GROUPS, n=4, steps=10, scale=0,
+                        warmup_steps=2, max_staleness=3, divergence_budget=budget)  # fmt: skip
+        return simulate(layout, model)
+
+    tight, loose = run_budget(0.015), run_budget(1.0)
+    assert tight.layout.label == "async KL 0.015"
+    caps = tight.caps_in_force()
+    assert caps[0] == 3 and min(caps) == 1  # the version cap until a lag over budget is measured
+    for record, cap in zip(tight.train, caps, strict=True):
+        assert max(record.staleness) <= cap
+    assert max(tight.staleness()) <= 3 and max(s for r in tight.train[-4:] for s in r.staleness) <= 1
+    assert set(loose.caps_in_force()) == {3}
+    assert max(loose.staleness()) >= 2  # the looser rule does train on older data

@@ -96,6 +96,26 @@ def test_a_one_batch_cell_has_no_collapse_verdict():
     assert sweep.summarise(sweep.Cell("grpo", "sync-64", 0), rise_fall, 1.0, smooth=5, drop=0.1)["collapsed"] == ""
 
 
+def test_gain_table_compares_each_cell_with_the_one_batch_cell_of_its_seed():
+    """Per seed, step by step on the same prompts: the trained cell's reward minus the
+    one-batch cell's, averaged by block; a variant without its own one-batch cell uses the
+    first variant's."""
+    steps = []
+    for seed, lift in ((0, 0.1), (1, 0.3)):
+        for t in range(1, 9):
+            prompts = 0.2 + 0.05 * (t % 3) + 0.1 * seed  # the same prompt noise in every cell of a seed
+            row = {"seed": str(seed), "step": str(t)}
+            steps += [{**row, "variant": "vespo", "mode": "sync-8", "reward": prompts},
+                      {**row, "variant": "vespo", "mode": "async", "reward": prompts + (lift if t > 4 else 0.0)},
+                      {**row, "variant": "grpo", "mode": "async", "reward": prompts - 0.1}]  # fmt: skip
+    text = sweep.gain_table(steps, ["vespo", "grpo"], ["sync-8", "async"], block=4)
+    assert "gain over sync-8" in text
+    assert "| vespo | async | 2 | +0.00 | +0.20 | +0.10 +0.30 |" in text
+    assert "| grpo | async | 2 | -0.10 | -0.10 | -0.10 -0.10 |" in text
+    assert "| vespo | sync-8 |" not in text  # the baseline itself
+    assert sweep.gain_table(steps, ["vespo"], ["async"], block=4) == ""  # no one-batch cell: no table
+
+
 def test_cell_config_sets_objective_mode_and_staleness():
     args = sweep.parse_args(["--steps", "8", "--groups-per-step", "2", "--async-max-staleness", "5"])
     sync = sweep.cell_config(args, sweep.Cell("vespo-lennorm", "sync-64", 1))
