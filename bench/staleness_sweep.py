@@ -401,8 +401,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    was_up = ray.is_initialized()
-    if not was_up:  # quiet actors: the sweep prints one line a cell
+    start_ray = bool(todo) and not ray.is_initialized()  # every cell done: only the table and plot
+    if start_ray:  # quiet actors: the sweep prints one line a cell
         ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
     controller = None
     started = time.perf_counter()
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if controller is not None:
             controller.shutdown()
-        if not was_up:
+        if start_ray:
             ray.shutdown()
     all_cells, all_steps = read_csv(cells_csv), read_csv(steps_csv)
     modes = [m for m in args.modes if any(r["mode"] == m for r in all_cells)]

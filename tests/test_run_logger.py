@@ -40,7 +40,16 @@ def test_disabled_logs_to_console_only(tmp_path):
     logger.finish()
     text = console.export_text()
     assert "step 7" in text and "reward=0.5" in text
+    assert "kl_cap" not in text  # no divergence budget, no cap to show
     assert not any(tmp_path.iterdir())
+
+
+def test_the_console_line_shows_the_cap_a_divergence_budget_sets(tmp_path):
+    console = Console(record=True, width=200)
+    logger = RunLogger(WandbConfig(mode="disabled", dir=str(tmp_path)), {}, console)
+    logger.log({"reward/mean": 0.5, "staleness/token_max": 2.0, "divergence/staleness_cap": 3.0}, 1)
+    logger.finish()
+    assert "stale_max=2  kl_cap=3" in console.export_text()
 
 
 def test_console_prints_about_fifty_lines_a_run_plus_every_evaluation(tmp_path):

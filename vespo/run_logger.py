@@ -31,6 +31,7 @@ HEADLINE = (
     ("eval/accuracy", "eval_acc"),
     ("actor/loss", "loss"),
     ("staleness/token_max", "stale_max"),
+    ("divergence/staleness_cap", "kl_cap"),  # only under buffer.divergence_budget
     ("buffer/occupancy", "buffer"),
     ("perf/gen_tokens_per_s", "gen_tok/s"),
     ("perf/train_tokens_per_s", "train_tok/s"),
