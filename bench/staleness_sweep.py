@@ -16,6 +16,8 @@ nats: `buffer.divergence_budget` B (KL per token) inside the `--async-max-stalen
 Outputs under --out: steps.csv (every step of every cell), cells.csv (one row a cell),
 table.md (the table for docs/results.md), reward_vs_step.png, and a wandb offline run per
 cell under wandb/. A cell already in cells.csv is skipped, so a stopped sweep continues.
+Sweeps run side by side into separate --out folders merge by concatenating their CSVs into
+one folder and running `--report` there: the tables and plot, nothing trained.
 
     python -m bench.staleness_sweep                    # reduced settings: < 60 min on 2 cores
     python -m bench.staleness_sweep --seeds 0 1 2 --steps 400 --groups-per-step 64 ...  # GPU node
@@ -104,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="collapsed: the smoothed reward rose, then fell this far below where it started")  # fmt: skip
     p.add_argument("--out", default="runs/staleness_sweep")
     p.add_argument("--config", default=None, help="base YAML config (default: the embedded tiny run)")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: table.md and the plot from the CSVs under --out (sweeps merged)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="dotted overrides on the base config, e.g. rollout.n=4")
     args = p.parse_args(argv)
     for mode in args.modes:
@@ -278,6 +282,7 @@ def gain_table(steps: list[dict], variants: list[str], modes: list[str], block: 
                 return reward[(v, base_mode, seed)]
         return None
 
+    block = max(1, min(block, max(length.values())))  # cells shorter than a block: one block
     nblocks = max(length.values()) // block
     head = ["objective", "mode", "seeds", *(f"steps {b * block + 1}-{(b + 1) * block}" for b in range(nblocks)),
             "last block, per seed"]  # fmt: skip
@@ -382,9 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     steps_csv, cells_csv = out / "steps.csv", out / "cells.csv"
     done = {(r["variant"], r["mode"], r["seed"]) for r in read_csv(cells_csv)}
     cells = [Cell(v, m, s) for s in args.seeds for m in args.modes for v in args.variants]
-    todo = [c for c in cells if c.key not in done]
+    todo = [] if args.report else [c for c in cells if c.key not in done]
     configs = {c.name: cell_config(args, c) for c in todo}  # every cell's config errors before any work
-    console.print(f"staleness sweep: {len(cells)} cells ({len(cells) - len(todo)} already done), "
+    console.print(f"staleness sweep: {len(cells)} cells ({len(done & {c.key for c in cells})} already done), "
                   f"{args.steps} steps x {args.groups_per_step} prompts each; out: {out}")  # fmt: skip
 
     class Recorder(RunLogger):

@@ -116,6 +116,30 @@ def test_gain_table_compares_each_cell_with_the_one_batch_cell_of_its_seed():
     assert sweep.gain_table(steps, ["vespo"], ["async"], block=4) == ""  # no one-batch cell: no table
 
 
+def test_report_writes_tables_and_plot_from_merged_csvs_and_trains_nothing(tmp_path):
+    """Two sweeps run side by side merge by concatenating their CSVs: --report then makes the
+    tables and the plot of everything there, and runs no cell, not even the missing ones."""
+    out = tmp_path / "merged"
+    out.mkdir()
+    steps = [{"variant": v, "mode": m, "seed": 0, "step": t, "reward": 0.3 + 0.01 * t, "seq_w_max": 2.0,
+              "seq_w_mean": 1.0, "eval_accuracy": 0.4 if t == 8 else "", "wait_s": t, "train_s": t,
+              "staleness_cap": 4.0, "dropped": 0}
+             for v, m in (("vespo", "sync-8"), ("vespo", "async")) for t in range(1, 9)]  # fmt: skip
+    sweep.append_csv(out / "steps.csv", ["variant", "mode", "seed", "step", *sweep.STEP_KEYS], steps)
+    cells = [sweep.summarise(sweep.Cell("vespo", m, 0), [r for r in steps if r["mode"] == m], 1.0, 2, 0.1)
+             for m in ("sync-8", "async")]  # fmt: skip
+    sweep.append_csv(out / "cells.csv", sweep.CELL_FIELDS, cells)
+    import ray
+
+    sweep.main(["--variants", "vespo", "grpo", "--modes", "sync-8", "async", "--seeds", "0", "1", "--steps", "8",
+                "--out", str(out), "--report"])  # fmt: skip
+    assert not ray.is_initialized()
+    assert len(list(csv.DictReader((out / "cells.csv").open()))) == 2  # grpo and seed 1 were not run
+    text = (out / "table.md").read_text()
+    assert "| vespo | async |" in text and "| vespo | sync-8 |" in text and "gain over sync-8" in text
+    assert (out / "reward_vs_step.png").stat().st_size > 0
+
+
 def test_cell_config_sets_objective_mode_and_staleness():
     args = sweep.parse_args(["--steps", "8", "--groups-per-step", "2", "--async-max-staleness", "5"])
     sync = sweep.cell_config(args, sweep.Cell("vespo-lennorm", "sync-64", 1))
