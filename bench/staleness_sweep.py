@@ -358,14 +358,15 @@ def plot(steps: list[dict], variants: list[str], modes: list[str], smooth: int, 
                 ax.plot(at, curves.mean(0), style, marker="o", color=colours(i), label=v, linewidth=1.6)
                 if len(curves) > 1:
                     ax.fill_between(at, curves.min(0), curves.max(0), color=colours(i), alpha=0.12)
-        axes[0][col].set_title(mode.replace("sync-", "sync, N = "))
+        axes[0][col].set_title(f"sync, N = {sync_ratio(mode)}" if mode.startswith("sync-") else mode)
         for r in range(rows):
             axes[r][col].set_xlabel("learner step")
             axes[r][col].grid(alpha=0.3)
     axes[0][0].set_ylabel(f"training reward ({smooth}-step mean)")
     if evals:
         axes[1][0].set_ylabel("held-out accuracy")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fullest = max(range(len(modes)), key=lambda c: len(axes[0][c].get_lines()))  # the legend where most lines are
+    axes[0][fullest].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
