@@ -24,6 +24,8 @@ Pure bookkeeping, no I/O: the controller feeds it the learner's metrics after ev
   never measured again. An estimate not refreshed for `max_age` steps is dropped (then
   extrapolated, or unknown), which lets the cap reopen once the fresher lags say it may, and
   the data it admits measures the lag anew. Without it a cap, once tightened, could never loosen.
+- Loosening is gradual: given the cap in force, the cap grows by at most one version a step
+  (and falls at once), so a lag is admitted only after the one fresher than it was measured.
 """
 
 from __future__ import annotations
@@ -111,10 +113,16 @@ class DivergenceEstimate:
         known = [e for e in (self.estimate(j) for j in range(lag + 1)) if e is not None]
         return max(known, default=None)
 
-    def cap(self, budget: float, max_staleness: int) -> int:
+    def cap(self, budget: float, max_staleness: int, last: int | None = None) -> int:
         """The largest lag L <= max_staleness whose envelope stays within `budget`. With nothing
         measured the version cap alone holds; with lag 0 itself over budget the cap is 0 (only
-        fresh data), as there is nothing fresher to fall back on."""
+        fresh data), as there is nothing fresher to fall back on.
+
+        `last`, the cap in force, makes the cap loosen one version a step and tighten at once.
+        Without it, one noisy batch over budget at lag 0 closes the cap to 0, and once the older
+        lags age out nothing above lag 0 is known, so it reopened straight to the version cap:
+        the long-answer run swung 0 -> 8 -> 0, and every swing down dropped what the swing up
+        admitted. One version at a time, each newly admitted lag is measured before the next."""
         best, high = 0, 0.0
         for lag in range(max_staleness + 1):
             est = self.estimate(lag)
@@ -122,4 +130,4 @@ class DivergenceEstimate:
             if high > budget:
                 break
             best = lag
-        return best
+        return best if last is None else min(best, last + 1)

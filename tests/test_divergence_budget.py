@@ -93,6 +93,16 @@ def test_a_lag_the_cap_keeps_out_is_forgotten_so_the_cap_can_reopen():
     assert 1 not in est.measured and est.cap(0.01, 4) == 4
 
 
+def test_given_the_cap_in_force_it_loosens_one_version_a_step_and_tightens_at_once():
+    est = estimate_of({0: 0.001, 1: 0.004})  # lag L: 0.004 L, within 0.01 up to lag 2
+    assert est.cap(0.01, 8) == 2
+    assert est.cap(0.01, 8, last=0) == 1  # reopening: one version at a time
+    assert est.cap(0.01, 8, last=1) == 2  # and no further than the budget allows
+    assert est.cap(0.01, 8, last=6) == 2  # tightening: at once
+    est = estimate_of({0: 0.001})
+    assert est.cap(0.01, 8) == 8 and est.cap(0.01, 8, last=0) == 1  # nothing known above lag 0
+
+
 def test_reset_forgets_everything():
     est = estimate_of({0: 0.5})
     est.reset()
@@ -288,6 +298,23 @@ def test_the_controller_sets_the_cap_the_measured_drift_allows(tmp_path, kl_lag1
     last = logger.metrics[-1]
     assert last["divergence/staleness_cap"] == cap and last["buffer/staleness_cap"] == cap
     assert last["divergence/kl_estimate_at_cap"] == pytest.approx(max(0.001, kl_lag1 * cap))
+
+
+class SpikingLearner(FakeLearner):
+    """Lag 0 within budget every step but the second, where one noisy batch reads far over it."""
+
+    def train(self, batch, pad_id: int, recompute_old_logprobs: bool = False) -> dict[str, float]:
+        metrics = super().train(batch, pad_id, recompute_old_logprobs)
+        return metrics | {metric_key(0): 0.5 if len(self.batches) == 2 else 0.001}
+
+
+def test_after_a_spike_the_controller_reopens_the_cap_one_version_a_step(tmp_path):
+    cfg = fake_config(tmp_path, "buffer.max_staleness=4", "buffer.divergence_budget=0.05", "train.steps=14")
+    buf = CountingBuffer(cfg.buffer)
+    assemble(cfg, buf, [FakeEngine("engine-0", buf)], SpikingLearner(), FakeLogger()).run(checkpoint=False)
+    # nothing over budget: the version cap; the spike closes it; once lag 0's average is back
+    # within budget nothing is known above lag 0, and the cap comes back one version at a time
+    assert buf.caps_set == [4, 0, 1, 2, 3, 4]
 
 
 def test_without_a_budget_the_controller_leaves_the_cap_alone(tmp_path):

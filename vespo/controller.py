@@ -289,7 +289,7 @@ class Controller:
         if self.divergence is None or budget is None:
             return {}
         self.divergence.observe(kl_by_lag(learner_metrics))
-        cap = self.divergence.cap(budget, self.cfg.buffer.max_staleness)
+        cap = self.divergence.cap(budget, self.cfg.buffer.max_staleness, last=self._cap_sent)
         if cap != self._cap_sent:
             self.buffer.set_staleness_cap(cap)
             self._cap_sent = cap

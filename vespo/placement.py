@@ -266,8 +266,7 @@ def assign_cores(available: list[int], engines: int, cpus_per_engine: float, ran
     the buffer. Returns why not instead, when the counts are fractional or do not fit."""
     if any(c != int(c) or c < 1 for c in (cpus_per_engine, cpus_per_rank)):
         return (
-            f"rollout.num_cpus {cpus_per_engine:g} / learner.num_cpus_per_worker {cpus_per_rank:g} "
-            "are not whole cores"
+            f"rollout.num_cpus {cpus_per_engine:g} / learner.num_cpus_per_worker {cpus_per_rank:g} are not whole cores"
         )
     e, r = int(cpus_per_engine), int(cpus_per_rank)
     need = engines * e + ranks * r

@@ -70,9 +70,7 @@ class RunConfig:
                 f"{t.staleness_ratio - 1} versions old, but buffer.max_staleness is {max_staleness}: raise it"
             )
         if t.mode == "sync" and self.buffer.divergence_budget is not None:
-            raise ConfigError(
-                "buffer.divergence_budget applies to async mode; sync rounds train what they generated"
-            )
+            raise ConfigError("buffer.divergence_budget applies to async mode; sync rounds train what they generated")
         if t.mode == "async" and t.staleness_ratio != 1:
             raise ConfigError(
                 "train.staleness_ratio is for sync mode; async mode caps staleness with buffer.max_staleness"
