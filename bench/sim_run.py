@@ -72,9 +72,14 @@ class SimResult:
     def steps(self) -> int:
         return len(self.train)
 
+    @property
+    def steady_steps(self) -> int:
+        """The steps after the pipeline filled (layout.warmup_steps left out, at least one kept)."""
+        return self.steps - min(self.layout.warmup_steps, self.steps - 1)
+
     def _window(self) -> tuple[int, float, float]:
-        w = min(self.layout.warmup_steps, self.steps - 1)
-        return self.steps - w, self.train[w - 1].end if w else self.train[0].start, self.train[-1].end
+        w = self.steps - self.steady_steps
+        return self.steady_steps, self.train[w - 1].end if w else self.train[0].start, self.train[-1].end
 
     @property
     def step_s(self) -> float:

@@ -18,6 +18,7 @@ One process, one run; compare the figures within it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import time
 
@@ -64,7 +65,7 @@ def staleness_line(r: SimResult) -> str:
 
 def tokens_s(r: SimResult) -> float:
     """Trained tokens per simulated second, steady state."""
-    k = r.steps - min(r.layout.warmup_steps, r.steps - 1)
+    k = r.steady_steps
     return sum(t.tokens for t in r.train[-k:]) / (r.step_s * k)
 
 
@@ -102,8 +103,7 @@ def admission_lines(results: list[SimResult]) -> list[str]:
     lines = [f"{'rule':<16} {'s/step':>7} {'tokens/s':>9} {'learner idle':>12} {'dropped':>8} {'mean cap':>8}  "
              "staleness of trained samples"]  # fmt: skip
     for r in results:
-        k = r.steps - min(r.layout.warmup_steps, r.steps - 1)
-        cap = float(np.mean(r.caps_in_force()[-k:]))
+        cap = float(np.mean(r.caps_in_force()[-r.steady_steps :]))
         lines.append(f"{r.layout.label:<16} {r.step_s:>7.1f} {tokens_s(r):>9.0f} {r.learner_idle:>12.1%} "
                      f"{dropped(r):>8.1%} {cap:>8.2f}  {staleness_line(r)}")  # fmt: skip
     return lines
@@ -218,10 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     for line in compare(sync, asyn):
         print(line)
     if args.budgets:
-        rules = [Layout("async", steps=args.async_steps, warmup_steps=warm, scale=args.scale, max_staleness=c)
-                 for c in args.caps]  # fmt: skip
-        rules += [Layout("async", steps=args.async_steps, warmup_steps=warm, scale=args.scale, divergence_budget=b)
-                  for b in args.budgets]  # fmt: skip
+        rules = [dataclasses.replace(asyn.layout, max_staleness=c) for c in args.caps]
+        rules += [dataclasses.replace(asyn.layout, divergence_budget=b) for b in args.budgets]
         print(
             f"\nstaleness rules, async ({asyn.layout.label} as above; budgets within version cap "
             f"{BASE.max_staleness}; drift {model.kl_mismatch:g} + {model.kl_per_version:g} nats a version):"

@@ -21,6 +21,14 @@ def _float(v) -> float:
         return float("nan")
 
 
+def _by_cell(cells: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """cells.csv rows by (variant, mode): one list of seeds' rows a table line."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for row in cells:
+        by.setdefault((row["variant"], row["mode"]), []).append(row)
+    return by
+
+
 def one_batch(mode: str, steps: int) -> bool:
     """A sync-N cell with N >= its steps trains on one batch sampled from the initial policy:
     its training reward is that policy's, so the rose-then-fell rules say nothing about it."""
@@ -32,9 +40,7 @@ def table(cells: list[dict], variants: list[str], modes: list[str], drop: float 
     (rose, then fell below the start), runs that ended below their start whether or not they
     rose first (both n/a for a one-batch cell, see `one_batch`), the largest sequence weight W
     seen and the mean W."""
-    by = {}
-    for row in cells:
-        by.setdefault((row["variant"], row["mode"]), []).append(row)
+    by = _by_cell(cells)
     head = ["objective", "mode", "final reward (seeds: mean, min-max)", "final eval acc", "collapsed",
             "ended below start", "max W", "mean W"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -63,9 +69,7 @@ def admission_table(cells: list[dict], variants: list[str], modes: list[str]) ->
     """Markdown: per variant and async mode, what the staleness rule cost and bought. The
     samples dropped for staleness, the learner's idle share (waiting for data, of wait +
     train), the cap in force on average, the largest true sequence weight W and final reward."""
-    by = {}
-    for row in cells:
-        by.setdefault((row["variant"], row["mode"]), []).append(row)
+    by = _by_cell(cells)
     head = ["objective", "mode", "seeds", "final reward", "max W", "dropped samples", "learner idle", "mean cap"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in variants:
@@ -122,7 +126,7 @@ def gain_table(steps: list[dict], variants: list[str], modes: list[str], block: 
             gains = []  # per seed: gain per block
             for (cv, cm, seed), series in sorted(reward.items()):
                 base = baseline(v, seed) if (cv, cm) == (v, m) else None
-                if base is None:
+                if base is None:  # another cell, or a seed without a one-batch cell
                     continue
                 per_block = []
                 for b in range(nblocks):
