@@ -167,13 +167,22 @@ def worker(model_dir):
         yield w
 
 
+# Adam's first step moves a weight by lr * g / (|g| + eps), whose slope in g is at most lr / eps.
+# Packed and padded paths sum the same gradient in another order (another CPU: another order
+# again), so their gradients differ by float32 rounding, bounded here by GRAD_RTOL * ||g||, and
+# their weights by lr / eps * GRAD_RTOL * ||g||. With Adam's usual eps of 1e-8 a gradient near
+# 1e-8 may move its weight by anything up to lr, so the comparison uses a larger eps.
+ADAM_EPS = 1e-3
+GRAD_RTOL = 1e-5
+
+
 def test_a_worker_step_is_the_same_packed_and_padded(worker):
     batch = make_batch()
     totals = batch_totals(batch)
     results = {}
     for budget in (300, 4096):  # several micro-batches (grouped differently), then one each
         for packed in (True, False):
-            worker.rebuild(replace(worker.cfg, micro_batch_tokens=budget, pack_sequences=packed))
+            worker.rebuild(replace(worker.cfg, micro_batch_tokens=budget, pack_sequences=packed, eps=ADAM_EPS))
             old = worker.compute_logprobs(batch)
             metrics = worker.train_step(batch, totals)
             results[budget, packed] = old, metrics, worker.full_state_dict()
@@ -184,8 +193,9 @@ def test_a_worker_step_is_the_same_packed_and_padded(worker):
         assert m_p["actor/loss"] == pytest.approx(m_u["actor/loss"], rel=1e-5, abs=1e-7)
         assert m_p["actor/grad_norm"] == pytest.approx(m_u["actor/grad_norm"], rel=1e-4)
         assert m_p["perf/padding_frac"] < m_u["perf/padding_frac"]
+        step_atol = worker.cfg.lr / ADAM_EPS * GRAD_RTOL * max(m_u["actor/grad_norm"], m_p["actor/grad_norm"])
         for name, value in w_u.items():
-            torch.testing.assert_close(w_p[name], value, rtol=0, atol=1e-5, msg=name)
+            torch.testing.assert_close(w_p[name], value, rtol=0, atol=step_atol, msg=name)
         # token means and extremes do not depend on how rows are grouped into micro-batches;
         # with one micro-batch per path every metric is the same
         keys = [k for k in m_u if not k.startswith("perf/")]

@@ -99,7 +99,9 @@ def test_model_directories_that_cannot_serve_are_refused(tmp_path):
 def test_the_cli_refuses_in_seconds_with_one_line_on_stderr(tmp_path):
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "vespo", "train", "task.name=math", f"task.path={tmp_path / 'missing.parquet'}"],
+        # an output_dir of its own: the default one may hold the user's `make train` run, refused first
+        [sys.executable, "-m", "vespo", "train", "task.name=math", f"task.path={tmp_path / 'missing.parquet'}",
+         f"train.output_dir={tmp_path / 'run'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     elapsed = time.monotonic() - started
