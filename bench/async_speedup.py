@@ -33,7 +33,7 @@ import tempfile
 from collections import defaultdict
 
 from rollout.tasks import arithmetic
-from vespo import run_config
+from vespo.config import run_config
 
 # The default workload keeps generation and training comparable: a workload where one side dwarfs
 # the other shows nothing about overlap. The tiny model's decode costs vLLM about six times what a
@@ -123,9 +123,9 @@ def alternate(args, out: str) -> dict[str, list]:
     import ray
     from rich.console import Console
 
-    from vespo import typed_config
-    from vespo.controller import Controller
-    from vespo.run_logger import RunLogger
+    import configtypes
+    from vespo.orchestration.controller import Controller
+    from vespo.reporting.run_logger import RunLogger
 
     console, results, controller = Console(), defaultdict(list), None
     was_up = ray.is_initialized()
@@ -133,7 +133,7 @@ def alternate(args, out: str) -> dict[str, list]:
         for r in range(args.rounds):
             for mode in ("sync", "async"):
                 cfg = run_config.load(None, overrides(mode, args, out))
-                logger = RunLogger(cfg.wandb, typed_config.to_dict(cfg), console, total_steps=cfg.train.steps)
+                logger = RunLogger(cfg.wandb, configtypes.to_dict(cfg), console, total_steps=cfg.train.steps)
                 if controller is None:
                     controller = Controller(cfg, logger)
                     controller.setup()

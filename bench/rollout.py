@@ -23,13 +23,13 @@ from pathlib import Path
 import ray
 import torch
 
-from learner.weight_broadcast import WeightBroadcaster
 from rollout.actor import rollout_actor
 from rollout.config import RolloutConfig
 from rollout.records import PromptItem
 from rollout.tasks import arithmetic
-from vespo.tiny_model import tiny_model
-from weightsync.protocol import plan_to_wire
+from vespo.models.tiny import tiny_model
+from weightsync.sender import WeightBroadcaster
+from weightsync.transport import plan_to_wire
 
 # A bigger random Llama on the tiny model's tokenizer, for a weight update worth timing.
 SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, head_dim=64)

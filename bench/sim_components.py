@@ -1,4 +1,4 @@
-"""Simulated engines and learner behind vespo.contracts, and the real buffer behind a counter.
+"""Simulated engines and learner behind vespo.orchestration.contracts, and the real buffer behind a counter.
 
 Like the in-process fakes of the unit tests, but with time: an engine is a continuous-batching
 decoder whose sequences all advance at the per-sequence rate its batch size allows (the cost
@@ -29,7 +29,7 @@ from buffer.divergence import metric_key
 from buffer.replay import Batch, ReplayBuffer
 from buffer.trajectory import Trajectory
 from rollout.records import PromptItem
-from vespo.contracts import Done
+from vespo.orchestration.contracts import Done
 
 _CAP = 1 << 15  # longest response or prompt an engine hands out (tokens)
 _ZEROS = np.zeros(_CAP, np.int32)  # every response's token ids and prompt: views, no copies
@@ -283,7 +283,7 @@ class SimLearner:
 
     @remote("learner.broadcast_weights")
     def broadcast_weights(self, plan: list) -> SimPending:
-        """Starts when every engine has joined (WeightSync asks them first); ends broadcast_s later."""
+        """Starts when every engine has joined (WeightPublisher asks them first); ends broadcast_s later."""
         world = self.world
         with world.lock:
             broadcast, world.broadcast = world.broadcast, Broadcast()

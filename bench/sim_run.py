@@ -20,8 +20,8 @@ from bench.sim_model import RAY_CALL_CPU_S, RAY_CALL_S, CostModel
 from bench.sim_world import DISPATCHED, Ledger, World, call_overhead_s, scaled_clock
 from buffer.replay import ReplayBuffer
 from rollout.records import PromptItem
-from vespo import run_config
-from vespo.controller import Controller, RunSummary
+from vespo.config import run_config
+from vespo.orchestration.controller import Controller, RunSummary
 
 
 @dataclass

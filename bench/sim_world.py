@@ -29,7 +29,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 
-from vespo import controller, sources, weight_sync
+from vespo.orchestration import controller, sources, weight_publisher
 
 PAY_EVERY_S = 0.05  # simulated seconds of round trips a thread gathers before it waits them off
 
@@ -337,7 +337,7 @@ class _SimTime:
 @contextlib.contextmanager
 def scaled_clock(world: World) -> Iterator[None]:
     """Run the controller on the world's clock, from the calling (the loop's) thread."""
-    modules = (controller, sources, weight_sync)
+    modules = (controller, sources, weight_publisher)
     saved = [m.time for m in modules]
     for m in modules:
         m.time = _SimTime(world)

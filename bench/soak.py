@@ -101,8 +101,8 @@ def pending_groups(controller, handed_out: set[str]) -> set[str]:
 def soak(minutes: float, kill_every_s: float, overrides: list[str] | None = None) -> SoakReport:
     import ray
 
-    from vespo import run_config
-    from vespo.controller import Controller
+    from vespo.config import run_config
+    from vespo.orchestration.controller import Controller
 
     base = ["train.steps=1000000", "train.eval_every=0", "wandb.mode=disabled", "rollout.max_restarts=1000",
             "train.output_dir=runs/soak"]  # fmt: skip

@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cell_config(args: argparse.Namespace, cell: Cell):
     """The run config of one cell: the base config plus the cell's objective, mode and seed."""
-    from vespo import run_config
+    from vespo.config import run_config
 
     cfg = run_config.load(args.config, args.overrides)
     objective, options = VARIANTS[cell.variant]
@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     from rich.console import Console
 
-    from vespo import typed_config
-    from vespo.controller import Controller
-    from vespo.run_logger import RunLogger
+    import configtypes
+    from vespo.orchestration.controller import Controller
+    from vespo.reporting.run_logger import RunLogger
 
     console = Console(highlight=False)
     out = Path(args.out)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for i, cell in enumerate(todo):
             cfg = configs[cell.name]
-            logger = Recorder(cfg.wandb, typed_config.to_dict(cfg), Console(quiet=True))
+            logger = Recorder(cfg.wandb, configtypes.to_dict(cfg), Console(quiet=True))
             t0 = time.perf_counter()
             if controller is None:
                 controller = Controller(cfg, logger)

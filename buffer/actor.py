@@ -8,7 +8,7 @@ import ray
 from buffer import columnar
 from buffer.config import BufferConfig
 from buffer.replay import Batch, ReplayBuffer
-from configtypes.cores import bind_threads
+from runtime.cores import bind_threads
 
 
 def buffer_actor(cfg: BufferConfig | None = None, restore_from: str | None = None, cores: list[int] | None = None,

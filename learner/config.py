@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field
 
 from configtypes import AtLeast0, AtLeast1, NonNegative, Positive, section
-from configtypes.cores import Cores
 from learner import advantages
 from learner.objectives import check_objective, make_config
+from runtime.cores import Cores
 
 Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's moment decay rates
 

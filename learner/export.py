@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from weightsync.protocol import TensorSpec, plan_buckets, spec_of
+from weightsync.transport import TensorSpec, plan_buckets, spec_of
 
 DEFAULT_SHARD_BYTES = 2 << 30
 SINGLE_FILE = "model.safetensors"

@@ -19,7 +19,6 @@ import torch
 
 from buffer.replay import Batch
 from buffer.trajectory import Trajectory
-from configtypes.cores import held_cores, pin_process
 from learner import checkpoint
 from learner.advantages import advantages
 from learner.batching import TrainBatch, collate
@@ -27,6 +26,7 @@ from learner.config import LearnerConfig
 from learner.process_group import host_store
 from learner.sharding import batch_totals, merge_metrics, shard, shard_rows
 from learner.worker import LearnerWorker
+from runtime.cores import held_cores, pin_process
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from weightsync.protocol import node_ip
-from weightsync.rendezvous import AuthStore, StoreServer, interface_of
+from runtime.rendezvous import AuthStore, StoreServer, interface_of
+from weightsync.transport import node_ip
 
 GROUP_NAME = "learner group"  # how the store names itself in its logs and refusals
 TIMEOUT = timedelta(minutes=30)

@@ -24,7 +24,7 @@ from learner.logprobs import token_logprobs
 from learner.objectives import compute_loss, make_config
 from learner.packing import PackedRows, micro_batches_of, packed_token_logprobs
 from learner.process_group import host_store, join_default_group
-from weightsync.protocol import backend_for
+from weightsync.transport import backend_for
 
 
 class LearnerWorker:
@@ -267,7 +267,7 @@ class LearnerWorker:
         under ZeRO-3: call it on every rank. Each tensor is gathered alone and released once
         copied, so no rank holds more than one shard of copies plus one gathered parameter."""
         from learner.export import write_hf_streaming
-        from weightsync.protocol import TensorSpec
+        from weightsync.transport import TensorSpec
 
         entries = self._export_entries()
         named = self._gathered(entries)
@@ -342,12 +342,12 @@ class LearnerWorker:
         load_rng(path, self.rank)
         return self.step_count
 
-    # --- weight broadcast to the rollout engines (learner.weight_broadcast) -------------------
+    # --- weight broadcast to the rollout engines (weightsync.sender) -------------------
 
     def open_weight_sync(self, num_receivers: int, bucket_bytes: int, host: str | None = None) -> tuple[str, int, str]:
         """Rank 0 hosts the weight group's store on `host` (default: this node's Ray address);
         returns the address receivers join and the secret (hex) they must prove."""
-        from learner.weight_broadcast import WeightBroadcaster
+        from weightsync.sender import WeightBroadcaster
 
         if getattr(self, "broadcaster", None) is not None:
             self.broadcaster.close()
@@ -364,7 +364,7 @@ class LearnerWorker:
 
     def weight_plan(self) -> list:
         """The bucket layout of the full weights (names, dtypes, unpartitioned shapes)."""
-        from weightsync.protocol import TensorSpec, plan_buckets, plan_to_wire
+        from weightsync.transport import TensorSpec, plan_buckets, plan_to_wire
 
         specs = [
             TensorSpec(n, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
@@ -376,7 +376,7 @@ class LearnerWorker:
         """Send the full weights to every receiver. Collective on all ranks under ZeRO-3 (each
         parameter is gathered in turn, so no rank ever holds the whole model at once); only
         rank 0 sends."""
-        from weightsync.protocol import plan_from_wire
+        from weightsync.transport import plan_from_wire
 
         stats = None
         named = self._gathered_parameters()

@@ -3,7 +3,7 @@
 `RolloutActor` owns one engine, samples n responses per prompt, tags every token with the
 policy version it was sampled under, scores responses with the task's reward and pushes
 `buffer.Trajectory` records to the replay buffer. Weights arrive in place over the learner's
-weight group (`weightsync.protocol`) or, as a fallback, through Ray's object store.
+weight group (`weightsync.transport`) or, as a fallback, through Ray's object store.
 """
 
 from rollout.config import RolloutConfig

@@ -16,12 +16,13 @@ import torch
 
 from buffer import columnar
 from buffer.trajectory import Trajectory
-from configtypes.cores import held_cores, pin_process
 from rollout.config import RolloutConfig
-from rollout.engine import Engine, start_engine
+from rollout.engine import Engine
+from rollout.engine_factory import start_engine
 from rollout.records import Completion, PromptItem, RolloutResult
 from rollout.rewards import RewardPool
 from rollout.tasks.registry import ScoredReward, TaskConfig, TaskSample
+from runtime.cores import held_cores, pin_process
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class RolloutActor:
         """Join the learner's weight group as ranks rank_offset .. rank_offset + receivers - 1,
         proving the group's secret (hex). This engine's own sockets bind to loopback when the
         group's store is on loopback (one machine), else to this node's Ray address."""
-        from weightsync.protocol import node_ip
+        from weightsync.transport import node_ip
 
         self._require_engine()
         bind = host if host.startswith("127.") else node_ip()

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from configtypes import AtLeast0, AtLeast1, ConfigError, NonNegative, Positive, section
-from configtypes.cores import Cores
+from runtime.cores import Cores
 
 Backend = Literal["vllm", "transformers", "auto"]
 # what rollout.engine.resolve_dtype turns into a torch dtype

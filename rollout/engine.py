@@ -1,15 +1,14 @@
-"""The engine interface, and the choice between vLLM and the transformers fallback.
+"""The engine interface and what both engines share (device, dtype, imposed lengths).
 
 Both engines keep the same contract: `generate` returns n `Completion`s whose tokens carry the
 version of the weights they were sampled under; `receive_weights` / `load_weights` swap weights
 in place and bump the version. With `partial_rollout`, in-flight requests are paused for the
 swap and resume under the new weights (their old tokens keep their old tags); without it the
-swap waits until in-flight requests finish.
+swap waits until in-flight requests finish. Which engine a run gets is `rollout.engine_factory`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from typing import Protocol
@@ -18,8 +17,6 @@ import torch
 
 from rollout.config import RolloutConfig
 from rollout.records import Completion
-
-log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
@@ -49,33 +46,6 @@ class Engine(Protocol):
 
     @property
     def num_receivers(self) -> int: ...
-
-
-async def start_engine(cfg: RolloutConfig) -> Engine:
-    """The configured engine, started. "auto" falls back to transformers when vLLM cannot start,
-    and says so loudly: the fallback is correct but several times slower."""
-    if cfg.backend in ("vllm", "auto"):
-        from rollout.vllm_engine import VllmEngine
-
-        engine: Engine = VllmEngine(cfg)
-        try:
-            await engine.start()
-            return engine
-        except Exception as err:
-            if cfg.backend == "vllm":
-                raise
-            log.error(
-                "vLLM could not start (%s: %s); FALLING BACK to the transformers engine, which is much slower. "
-                "Set rollout.backend=vllm to make this an error.",
-                type(err).__name__,
-                err,
-            )
-    from rollout.hf_engine import TransformersEngine
-
-    log.warning("rollout engine: transformers generate (the fallback path, not vLLM)")
-    engine = TransformersEngine(cfg)
-    await engine.start()
-    return engine
 
 
 def default_device() -> torch.device:

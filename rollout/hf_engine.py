@@ -18,7 +18,7 @@ import torch
 from rollout.config import RolloutConfig
 from rollout.engine import default_device, resolve_dtype
 from rollout.records import Completion
-from weightsync import protocol as wb
+from weightsync import transport as wb
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from rollout.records import Completion
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "rollout.worker_extension.VespoWorkerExtension"
+EXTENSION = "weightsync.receiver.VespoWorkerExtension"
 
 
 class VllmEngine:

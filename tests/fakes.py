@@ -1,4 +1,4 @@
-"""In-process stand-ins for an engine and the learner, behind vespo.contracts, for unit tests
+"""In-process stand-ins for an engine and the learner, behind vespo.orchestration.contracts, for unit tests
 of the orchestration (admission, requeue, recovery, sync-N rounds, stop, resume) in seconds.
 
 They fake only what needs Ray, vLLM or DeepSpeed: the buffer is the real ReplayBuffer, the
@@ -21,9 +21,9 @@ from buffer.trajectory import Trajectory
 from learner import checkpoint
 from learner.checkpoint_reader import DEEPSPEED_TAG
 from rollout.records import PromptItem, RolloutResult
-from vespo import run_config
-from vespo.contracts import Done, EngineDown, EngineLost
-from vespo.controller import Controller, RunSummary
+from vespo.config import run_config
+from vespo.orchestration.contracts import Done, EngineDown, EngineLost
+from vespo.orchestration.controller import Controller, RunSummary
 
 
 @dataclass

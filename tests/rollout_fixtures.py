@@ -6,9 +6,9 @@ import ray
 import torch
 
 from learner.logprobs import token_logprobs
-from learner.weight_broadcast import WeightBroadcaster
-from vespo.tiny_model import tiny_model
-from weightsync.protocol import plan_to_wire
+from vespo.models.tiny import tiny_model
+from weightsync.sender import WeightBroadcaster
+from weightsync.transport import plan_to_wire
 
 
 def model_dir() -> str:

@@ -46,9 +46,9 @@ def test_rloo_subtracts_the_mean_of_the_other_responses():
 
 
 def test_the_config_chooses_the_estimator_and_refuses_an_unknown_one():
+    from configtypes import ConfigError
     from learner.advantages import advantages
-    from vespo import run_config
-    from vespo.typed_config import ConfigError
+    from vespo.config import run_config
 
     assert run_config.load(None, ["learner.advantage=rloo"]).learner.advantage == "rloo"
     with pytest.raises(ConfigError, match="learner.advantage"):

@@ -3,7 +3,7 @@ import math
 import numpy as np
 
 from buffer import Trajectory
-from vespo.step_metrics import finite_only
+from vespo.orchestration.step_metrics import finite_only
 
 
 def traj(tid: str, logprobs, reward: float = 1.0) -> Trajectory:

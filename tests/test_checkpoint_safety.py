@@ -351,7 +351,7 @@ def test_reading_checkpoints_does_not_import_torch_or_deepspeed():
 
 
 def test_eval_checkpoint_ignores_a_newer_partial_write(tmp_path, capsys):
-    from vespo.evaluate import checkpoint_model, main
+    from vespo.commands.evaluate import checkpoint_model, main
 
     write(tmp_path, 1, "x")
     write_files(checkpoint.prepare_staging(tmp_path, 2), 2, "half")  # newer, never sealed, with a model/

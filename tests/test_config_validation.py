@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from buffer.config import BufferConfig
+from configtypes import ConfigError, build, keys_of, to_dict
 from learner.config import LearnerConfig
 from learner.objectives import CONFIGS, make_config
 from rollout.config import RolloutConfig
-from rollout.tasks.registry import TaskConfig
-from vespo import run_config
-from vespo.run_config import RunConfig, TrainConfig
-from vespo.run_logger import WandbConfig
-from vespo.typed_config import ConfigError, build, keys_of, to_dict
+from rollout.tasks.base import TaskConfig
+from vespo.config import run_config
+from vespo.config.run_config import RunConfig, TrainConfig, WandbConfig
 
 # (override, the message it must give): one bad value for every field with a range or choices
 BAD = [
@@ -294,3 +294,24 @@ def test_a_section_given_in_part_keeps_the_embedded_runs_other_values():
 
 def test_a_boolean_is_not_a_count():
     assert error_of(["train.steps=true"]) == "train.steps: expected a number, got True"
+
+
+def test_each_key_has_one_default_declared_by_its_section():
+    """A run config built in code takes each section class's own defaults (no second default per
+    key), and the embedded run is its YAML file, which deploy/configs/tiny.yaml spells out."""
+    cfg = RunConfig()
+    for name, cls in SECTIONS.items():
+        if name:
+            assert to_dict(getattr(cfg, name)) == to_dict(cls()), name
+    embedded = run_config.load()
+    assert embedded.learner.lr == 5e-4 != LearnerConfig().lr  # the embedded run's own setting, from its YAML
+    tiny = Path(__file__).resolve().parents[1] / "deploy" / "configs" / "tiny.yaml"
+    assert to_dict(run_config.load(tiny)) == to_dict(embedded)
+
+
+def test_a_key_a_file_leaves_out_takes_its_section_default(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("rollout:\n  n: 4\n")
+    cfg = run_config.load(config)
+    assert cfg.rollout.n == 4 and cfg.rollout.max_new_tokens == RolloutConfig().max_new_tokens
+    assert cfg.learner.lr == LearnerConfig().lr and cfg.buffer.max_staleness == BufferConfig().max_staleness

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from vespo import placement, ray_components, run_config
-from vespo.ray_components import CoreChoice
-from vespo.typed_config import ConfigError
+from configtypes import ConfigError
+from vespo.config import placement, run_config
+from vespo.orchestration import ray_components
+from vespo.orchestration.ray_components import CoreChoice
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_CORES = len(os.sched_getaffinity(0)) >= 2
@@ -74,7 +75,7 @@ def test_no_auto_pinning_on_gpu_nodes_or_clusters(monkeypatch):
 
 PROBE = """
 import os, sys, threading, subprocess, torch
-from configtypes.cores import pin_process
+from runtime.cores import pin_process
 seen = {}
 ready, go = threading.Event(), threading.Event()
 def early():  # a thread that exists before the process takes its cores

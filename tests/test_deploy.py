@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vespo import plan_command, run_config
-from vespo.placement import cluster_from_file, demand_of, plan
+from vespo.commands import plan as plan_command
+from vespo.config import run_config
+from vespo.config.placement import cluster_from_file, demand_of, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -54,7 +55,7 @@ def test_dry_run_says_what_does_not_fit(capsys):
 
 
 def test_submit_checks_the_config_before_sending(capsys):
-    from vespo import submit
+    from vespo.commands import submit
 
     with pytest.raises(SystemExit):
         submit.main(["deploy/configs/tiny.yaml", "train.stepz=3", "--address", "http://127.0.0.1:1"])
@@ -192,6 +193,6 @@ def test_ray_job_submit_runs_the_tiny_config_on_a_local_head(ray_head, tmp_path)
 
 
 def _env() -> dict[str, str]:
-    from vespo.submit import client_env
+    from vespo.commands.submit import client_env
 
     return client_env()

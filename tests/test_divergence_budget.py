@@ -20,7 +20,7 @@ from buffer.divergence import DivergenceEstimate, kl_by_lag, metric_key
 from buffer.replay import SNAPSHOT_FILE
 from configtypes import ConfigError
 from learner.divergence_metrics import LagKL, k3_kl
-from vespo import run_config
+from vespo.config import run_config
 
 # -- the estimate -------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from buffer.replay import Batch
 from learner.config import LearnerConfig
 from learner.group import LearnerGroup
 from learner.objectives import compute_loss
-from vespo.step_metrics import Screen, step_metrics
+from vespo.orchestration.step_metrics import Screen, step_metrics
 
 
 def batch_with(weights):

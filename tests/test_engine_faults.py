@@ -13,8 +13,8 @@ import pytest
 import ray
 
 from bench.soak import pending_groups, record_handouts
-from vespo import run_config
-from vespo.controller import Controller, LearnerFailed
+from vespo.config import run_config
+from vespo.orchestration.controller import Controller, LearnerFailed
 
 OVERRIDES = [
     "train.groups_per_step=4", "rollout.n=4", "train.eval_every=0", "train.max_inflight_groups=8",

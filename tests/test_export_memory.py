@@ -24,7 +24,7 @@ from learner.config import LearnerConfig
 from learner.export import INDEX_FILE, SINGLE_FILE, write_hf_streaming
 from learner.group import LearnerGroup
 from vespo.models import resolve_model
-from weightsync.protocol import spec_of
+from weightsync.transport import spec_of
 
 MiB = 1 << 20
 SHARD = 16 * MiB

@@ -18,8 +18,8 @@ from rollout.actor import PromptError, RolloutActor
 from rollout.config import RolloutConfig
 from rollout.records import Completion, PromptItem
 from rollout.tasks.registry import TaskSample
-from vespo.fleet import EngineFleet
-from vespo.prompts import PromptStream
+from vespo.orchestration.fleet import EngineFleet
+from vespo.orchestration.prompts import PromptStream
 
 
 class FlakyEngine:

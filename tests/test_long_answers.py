@@ -14,8 +14,8 @@ from wandb_offline import read_run
 
 from rollout.tasks import repeated_addition as ra
 from rollout.tasks.registry import TaskConfig, make_reward, make_task
-from vespo import run_config
-from vespo.tiny_model import TinyModelConfig, tiny_model
+from vespo.config import run_config
+from vespo.models.tiny import TinyModelConfig, tiny_model
 
 
 def test_the_working_adds_step_by_step_and_ends_on_the_product():
@@ -81,7 +81,7 @@ def test_the_tiny_models_tokenizer_keeps_a_step_at_nine_tokens(tmp_path):
 def test_long_answers_train_async_under_a_divergence_budget(tmp_path):
     """The user's path: the long-answer task on a model trained for it, async, with staleness
     capped in nats. The run trains, the learner reports KL by lag, and the cap it sets is logged."""
-    from vespo.train import run
+    from vespo.commands.train import run
 
     model = tiny_model(TinyModelConfig(task="repeated_addition", warmup_steps=40, corpus_size=400), tmp_path / "m")
     cfg = run_config.load(None, [

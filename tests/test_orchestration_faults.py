@@ -11,8 +11,8 @@ from fakes import FakeEngine, FakeLearner, assemble, fake_config
 
 from buffer.replay import ReplayBuffer
 from learner import checkpoint
-from vespo.contracts import Done, EngineLost
-from vespo.controller import LearnerFailed
+from vespo.orchestration.contracts import Done, EngineLost
+from vespo.orchestration.controller import LearnerFailed
 
 FAULTS = ["buffer.max_staleness=1", "train.steps=6"]
 

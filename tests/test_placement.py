@@ -1,6 +1,6 @@
 import pytest
 
-from vespo.placement import ClusterSpec, Demand, NodeGroup, PlacementError, plan
+from vespo.config.placement import ClusterSpec, Demand, NodeGroup, PlacementError, plan
 
 
 def paper_cluster() -> ClusterSpec:
@@ -47,7 +47,7 @@ def test_tensor_parallel_larger_than_a_node_is_refused():
 
 
 def test_actors_are_pinned_to_node_groups_only_where_the_cluster_marks_them():
-    from vespo.placement import role_options
+    from vespo.config.placement import role_options
 
     assert role_options({"CPU": 4.0}, "rollout") == {}
     assert role_options({"CPU": 96.0, "vespo_rollout": 6.0}, "rollout") == {"resources": {"vespo_rollout": 0.001}}
@@ -55,8 +55,8 @@ def test_actors_are_pinned_to_node_groups_only_where_the_cluster_marks_them():
 
 
 def test_a_cluster_file_is_checked_like_a_run_config(tmp_path):
-    from vespo.placement import cluster_from_file
-    from vespo.typed_config import ConfigError
+    from configtypes import ConfigError
+    from vespo.config.placement import cluster_from_file
 
     path = tmp_path / "cluster.yaml"
     path.write_text("nodes:\n  - {name: head, cpus: 8}\n  - {name: gpu, count: 2, cpus: 32, gpus: 4, role: rollout}\n")

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vespo import run_config
+from vespo.config import run_config
+from vespo.config.preflight import PreflightError, check
 from vespo.models import resolve_model
-from vespo.preflight import PreflightError, check
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 import pytest
 
 from rollout.tasks.registry import TaskSample
-from vespo.prompts import PromptStream, PromptStreamState
+from vespo.orchestration.prompts import PromptStream, PromptStreamState
 
 SAMPLES = [TaskSample(str(i), f"{i}+0=", str(i), chat=False) for i in range(5)]
 

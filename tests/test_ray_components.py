@@ -1,4 +1,4 @@
-"""Ray's errors in the loop's terms (vespo.ray_components): the fault tests on fakes raise
+"""Ray's errors in the loop's terms (vespo.orchestration.ray_components): the fault tests on fakes raise
 EngineDown and EngineLost directly, so the translation from what Ray raises is checked here,
 on Ray's own exception classes (no cluster needed)."""
 
@@ -8,9 +8,9 @@ import pytest
 import ray.exceptions as rex
 
 from rollout.actor import EngineNotStarted
-from vespo import ray_components
-from vespo.contracts import EngineDown, EngineLost
-from vespo.ray_components import RayPending, _engine_error
+from vespo.orchestration import ray_components
+from vespo.orchestration.contracts import EngineDown, EngineLost
+from vespo.orchestration.ray_components import RayPending, _engine_error
 
 
 def failing(monkeypatch, err: BaseException, engine: bool = True) -> RayPending:

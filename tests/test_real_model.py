@@ -20,7 +20,7 @@ from rollout.actor import rollout_actor
 from rollout.config import RolloutConfig
 from rollout.tasks.registry import TaskConfig, TaskSample
 from vespo.models import resolve_model
-from vespo.prompts import prompt_item
+from vespo.orchestration.prompts import prompt_item
 
 # fp32 on both sides. vLLM's CPU kernels (fused qkv/gate-up, its own attention and RMSNorm)
 # sum in another order than transformers' eager path; over 30 layers that moves a token's

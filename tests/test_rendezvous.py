@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from weightsync import rendezvous
-from weightsync.rendezvous import AuthStore, RendezvousError, StoreServer, gloo_options, interface_of
+from runtime import rendezvous
+from runtime.rendezvous import AuthStore, RendezvousError, StoreServer, gloo_options, interface_of
 
 SECRET = b"the run's secret"
 LOOPBACK = "127.0.0.1"

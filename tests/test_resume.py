@@ -20,7 +20,7 @@ import pytest
 from wandb_offline import read_run
 
 from learner.checkpoint import CheckpointError, latest
-from vespo.train import config_of_checkpoint, run
+from vespo.commands.train import config_of_checkpoint, run
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = [
@@ -31,7 +31,7 @@ OVERRIDES = [
 
 FOREIGN_JOINER = r"""
 import datetime, sys, torch, torch.distributed as dist
-from weightsync.rendezvous import AuthStore
+from runtime.rendezvous import AuthStore
 host, port, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 timeout = datetime.timedelta(seconds=10)
 try:
@@ -229,8 +229,8 @@ def test_a_dead_learner_rank_stops_the_run_with_how_to_resume(tmp_path):
 
     import ray
 
-    from vespo import run_config
-    from vespo.controller import Controller, LearnerFailed
+    from vespo.config import run_config
+    from vespo.orchestration.controller import Controller, LearnerFailed
 
     cfg = run_config.load(None, ["train.steps=500", "train.checkpoint_every=2", *OVERRIDES,
                                  f"train.output_dir={tmp_path}", "wandb.mode=disabled"])  # fmt: skip

@@ -116,7 +116,7 @@ def traj(i: int, error: str | None = None):
 
 
 def test_reward_errors_are_logged_once_per_kind_and_counted(caplog):
-    from vespo.reward_errors import RewardErrors
+    from vespo.orchestration.reward_errors import RewardErrors
 
     errors = RewardErrors(batch_samples=4)
     batch = [traj(0, "reward raised KeyError: 'a'"), traj(1, "reward raised KeyError: 'b'"), traj(2), traj(3)]
@@ -129,7 +129,7 @@ def test_reward_errors_are_logged_once_per_kind_and_counted(caplog):
 
 
 def test_a_reward_that_nearly_always_fails_early_stops_the_run():
-    from vespo.reward_errors import RewardErrors, RewardsFailing
+    from vespo.orchestration.reward_errors import RewardErrors, RewardsFailing
 
     errors = RewardErrors(batch_samples=10)
     errors.add([traj(i, "reward raised TypeError: bad") for i in range(9)], step=0)  # not a whole batch yet

@@ -14,7 +14,7 @@ from rollout_fixtures import Sender, load_model, model_dir, random_weights, refe
 from rollout.actor import rollout_actor
 from rollout.config import RolloutConfig
 from rollout.records import PromptItem
-from vespo.tiny_model import TinyModelConfig, tiny_model
+from vespo.models.tiny import TinyModelConfig, tiny_model
 
 ITEMS = [PromptItem(f"g-{i}", p, answer="") for i, p in enumerate(["3+4=", "7+1="])]
 

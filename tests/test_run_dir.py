@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from vespo import run_dir
-from vespo.train import config_of_checkpoint
+from vespo.commands.train import config_of_checkpoint
+from vespo.orchestration import run_dir
 
 
 def used(tmp_path):

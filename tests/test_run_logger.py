@@ -1,7 +1,8 @@
 from rich.console import Console
 from wandb_offline import read_run
 
-from vespo.run_logger import RunLogger, WandbConfig, redact
+from vespo.config.run_config import WandbConfig
+from vespo.reporting.run_logger import RunLogger, redact
 
 
 def test_redact_hides_secrets_at_any_depth():

@@ -12,7 +12,7 @@ import pytest
 
 from bench.sim_model import CostModel
 from bench.sim_run import Layout, simulate
-from vespo import sources
+from vespo.orchestration import sources
 
 ENGINES, STEPS, GROUPS = 4, 6, 8
 

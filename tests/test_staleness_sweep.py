@@ -12,8 +12,8 @@ import pytest
 from wandb_offline import read_run
 
 from bench import staleness_sweep as sweep
-from vespo import run_config
-from vespo.controller import Controller
+from vespo.config import run_config
+from vespo.orchestration.controller import Controller
 
 
 def rows_of(rewards):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vespo.tiny_model import tiny_model
+from vespo.models.tiny import tiny_model
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -20,6 +20,6 @@ def test_a_fresh_build_in_another_process_is_identical(tmp_path):
     cached = tiny_model()  # the build every run uses (made by this process or an earlier one)
     fresh = tmp_path / "tiny"
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "12345"}
-    subprocess.run([sys.executable, "-c", f"from vespo.tiny_model import tiny_model; tiny_model(path={str(fresh)!r})"],
+    subprocess.run([sys.executable, "-c", f"from vespo.models.tiny import tiny_model; tiny_model(path={str(fresh)!r})"],
                    check=True, env=env, timeout=600)  # fmt: skip
     assert digests(fresh) == digests(cached)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from wandb_offline import read_run
 
-from vespo import run_config
-from vespo.train import run
+from vespo.commands.train import run
+from vespo.config import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

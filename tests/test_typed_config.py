@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 import pytest
 from pydantic import Field
 
-from vespo.typed_config import ConfigError, build, derive, load, section, to_dict
+from configtypes import ConfigError, build, derive, load, section, to_dict
 
 
 @dataclass

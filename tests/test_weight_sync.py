@@ -24,12 +24,12 @@ class ModelReceiver:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
     def join(self, host: str, port: int, rank: int, world_size: int, secret: str) -> None:
-        from weightsync.protocol import open_group
+        from weightsync.transport import open_group
 
         self.group = open_group(host, port, rank, world_size, "gloo", secret)
 
     def receive(self, wire_plan: list) -> int:
-        from weightsync.protocol import plan_from_wire, receive
+        from weightsync.transport import plan_from_wire, receive
 
         params = dict(self.model.named_parameters())
         n = 0

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rollout.tasks import word_problems as wp
-from vespo import word_problems as word_problems_cli
+from vespo.commands import word_problems as word_problems_cli
 
 
 def test_the_same_seed_gives_the_same_rows_and_another_seed_others():

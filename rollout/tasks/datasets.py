@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rollout.tasks.registry import TaskSample
+from rollout.tasks.base import TaskSample
 
 PROMPT_KEYS = ("prompt", "messages", "question", "problem")  # tried in order when task.prompt_key is unset
 ANSWER_KEYS = ("answer", "reward_model.ground_truth", "ground_truth", "solution")  # likewise for answer_key

@@ -16,8 +16,8 @@ import logging
 import re
 from pathlib import Path
 
+from rollout.tasks.base import TaskConfig, TaskSample
 from rollout.tasks.datasets import load_samples
-from rollout.tasks.registry import TaskConfig, TaskSample
 
 # GSM8K's final line, "#### 1,234": only a number counts, so a markdown heading such as
 # "#### Step 1: add" or "#### 1. Set up" is not taken for an answer

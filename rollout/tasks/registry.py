@@ -13,76 +13,11 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Protocol
 
 import numpy as np
-from pydantic import AfterValidator, Field
 
-from configtypes import AtLeast0, AtLeast1, ConfigError, NonEmpty, Positive, section
 from rollout.tasks import arithmetic, repeated_addition
-
-
-@dataclass(frozen=True)
-class TaskSample:
-    id: str
-    prompt: str  # the user turn (raw text for tasks that take no chat template)
-    answer: str  # the reference answer the reward compares with (veRL: reward_model.ground_truth)
-    chat: bool = True  # render through the tokenizer's chat template, if it has one
-    # a whole conversation to render instead of `prompt` (veRL `prompt`, OpenAI `messages`):
-    # [{"role": "system" | "user" | "assistant", "content": str}, ...], system turns included
-    messages: tuple[dict, ...] | None = None
-    data_source: str = ""  # veRL's data_source column: which reward a compute_score should apply
-    extra_info: dict | None = None  # veRL's extra_info column, handed to compute_score as is
-
-
-class Task(Protocol):
-    """Where the prompts come from. The reward is separate (`make_reward`): it is built again
-    in every reward worker process, which must not re-read the data."""
-
-    name: str
-
-    def samples(self, split: str) -> list[TaskSample]: ...
-
-
-RewardFn = Callable[[str, TaskSample], float]
-
-
-def _known_task(name: str) -> str:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}")
-    return name
-
-
-def _import_path(spec: str) -> str:
-    module, _, function = spec.partition(":")
-    if not module or not function:
-        raise ValueError(f"must be 'module:function', got {spec!r}")
-    return spec
-
-
-@section("task")
-class TaskConfig:
-    name: Annotated[str, AfterValidator(_known_task)] = "arithmetic"  # arithmetic | repeated_addition | math
-    path: NonEmpty | None = None  # math: a .jsonl or .parquet file of rows
-    # math: the fields holding prompt and answer, dotted paths allowed ("reward_model.ground_truth");
-    # None finds them from the first row (tasks/datasets.py: PROMPT_KEYS, ANSWER_KEYS; docs/data.md)
-    prompt_key: NonEmpty | None = None
-    answer_key: NonEmpty | None = None
-    system_prompt: str | None = None
-    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1  # the last rows of the file (math) form the held-out split
-    train_size: AtLeast1 = 4096  # arithmetic, repeated_addition: problems per split
-    eval_size: AtLeast1 = 256
-    max_digits: AtLeast1 = 2  # arithmetic: operands below 10**max_digits
-    seed: AtLeast0 = 0
-    # "module:function", replaces the task's reward: fn(response, answer) -> float, or veRL's
-    # compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | {"score": float}
-    reward_fn: Annotated[str, AfterValidator(_import_path)] | None = None
-    reward_timeout_s: Positive = 10.0  # per sample: a reward still running then is stopped and marks its sample
-    reward_workers: AtLeast1 = 2  # processes per rollout engine that score rewards (a crash there spares the engine)
-
-    def __post_init__(self) -> None:
-        if self.name == "math" and not self.path:
-            raise ConfigError("the math task needs task.path: a .jsonl or .parquet file with prompt and answer")
+from rollout.tasks.base import TASK_NAMES, RewardFn, Task, TaskConfig, TaskSample
 
 
 class GeneratedTask:
@@ -222,3 +157,4 @@ REWARDS: dict[str, Callable[[], RewardFn]] = {
     "repeated_addition": lambda: lambda response, sample: repeated_addition.reward(response, sample.answer),
     "math": _math_reward,
 }
+assert set(TASKS) == set(TASK_NAMES) == set(REWARDS), "rollout.tasks.base.TASK_NAMES must name every task"

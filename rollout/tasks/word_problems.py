@@ -8,7 +8,7 @@ the same rows on every machine.
 
 Rows follow veRL's schema: `data_source`, `prompt` (a list of chat messages), `ability`,
 `reward_model` = {"ground_truth", "style"} and `extra_info` = {"index", "split", ...}.
-Run: python -m vespo.word_problems OUT.parquet --rows 2000 --seed 0
+Run: vespo word-problems OUT.parquet --rows 2000 --seed 0
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Run configs from YAML and command-line overrides ("learner.lr=1e-5"), with errors that name the key.
 
 The one path from untyped input to typed objects: YAML and dotted overrides become nested
-mappings, and `build` turns them into config sections (`configtypes`: dataclasses whose
-fields carry their ranges, validated by pydantic), reporting unknown keys with the closest
-valid name and bad values with their full dotted key.
+mappings, and `build` turns them into config sections (`configtypes.sections`: dataclasses
+whose fields carry their ranges, validated by pydantic), reporting unknown keys with the
+closest valid name and bad values with their full dotted key.
 """
 
 from __future__ import annotations
@@ -13,42 +13,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from configtypes import (
-    AtLeast0,
-    AtLeast1,
-    ConfigError,
-    NonEmpty,
-    NonNegative,
-    Positive,
-    build,
-    derive,
-    describe,
-    keys_of,
-    section,
-    to_dict,
-    unknown_key,
-)
+from configtypes.sections import ConfigError, build
 
 T = TypeVar("T")
-
-__all__ = [
-    "AtLeast0",
-    "AtLeast1",
-    "ConfigError",
-    "NonEmpty",
-    "NonNegative",
-    "Positive",
-    "apply_override",
-    "build",
-    "derive",
-    "describe",
-    "keys_of",
-    "load",
-    "read_yaml",
-    "section",
-    "to_dict",
-    "unknown_key",
-]
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rollout.tasks.registry import make_reward, make_task, render_prompt
+from vespo.config.run_config import RunConfig
 from vespo.models import resolve_model
-from vespo.run_config import RunConfig
 
 PROMPTS_CHECKED = 2000  # prompts measured against the length limit (all of them, up to this many)
 

@@ -1,7 +1,7 @@
 """Write the word-problem dataset as veRL-schema Parquet, or measure a model's base rate on it.
 
-python -m vespo.word_problems data/word_problems.parquet --rows 2400 --seed 0
-python -m vespo.word_problems --base-rate 40 --model smollm2-135m
+vespo word-problems data/word_problems.parquet --rows 2400 --seed 0
+vespo word-problems --base-rate 40 --model smollm2-135m
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def base_rate(model_path: str, count: int = 40, seed: int = 1, max_new_tokens: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vespo word-problems", description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", help="the Parquet file to write")
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)

@@ -15,14 +15,13 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import AfterValidator, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vespo.typed_config import NonEmpty, section
+from vespo.config.run_config import WandbConfig
 
 SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 # (metric, console label)
@@ -36,28 +35,6 @@ HEADLINE = (
     ("perf/gen_tokens_per_s", "gen_tok/s"),
     ("perf/train_tokens_per_s", "train_tok/s"),
 )
-WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters wandb refuses in a project name
-
-
-def _project_name(name: str) -> str:
-    """wandb would refuse the name only when the run starts; say so before anything starts."""
-    if any(c in name for c in WANDB_PROJECT_FORBIDDEN):
-        raise ValueError(f"must not contain any of {' '.join(WANDB_PROJECT_FORBIDDEN)}, got {name!r}")
-    return name
-
-
-ProjectName = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_project_name)]
-
-
-@section("wandb")
-class WandbConfig:
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    project: ProjectName = "vespo"
-    entity: NonEmpty | None = None  # None: the account's default entity
-    run_name: NonEmpty | None = None  # None: wandb picks one
-    dir: NonEmpty = "runs"  # wandb writes under {dir}/wandb
-
-
 def redact(config: Any) -> Any:
     """The config without values under secret-looking keys."""
     if isinstance(config, dict):
@@ -133,8 +110,8 @@ class RunLogger:
             self.console.print(f"[bold]step {step}{self._of_total(step)}[/]  {shown}", soft_wrap=True)
 
     def log_examples(self, key: str, step: int, items: list) -> None:
-        """Sampled responses (vespo.examples.Example) as a wandb table, and the first on the console."""
-        from vespo import examples
+        """Sampled responses (vespo.reporting.examples.Example) as a wandb table, and the first on the console."""
+        from vespo.reporting import examples
 
         if not items:
             return

@@ -13,8 +13,9 @@ import sys
 
 from rich.console import Console
 
-from vespo import run_config, typed_config
-from vespo.placement import (
+import configtypes
+from vespo.config import run_config
+from vespo.config.placement import (
     ClusterSpec,
     NodeGroup,
     PlacementError,
@@ -24,7 +25,7 @@ from vespo.placement import (
     demand_of,
     plan,
 )  # fmt: skip
-from weightsync.protocol import backend_for
+from weightsync.transport import backend_for
 
 
 def local_cluster(cfg: run_config.RunConfig) -> ClusterSpec:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = run_config.load(args.config, args.overrides)
         cluster = cluster_from_file(args.cluster) if args.cluster else local_cluster(cfg)
         p = plan(cluster, demand_of(cfg, driver_cpus=1 if args.cluster else 0))  # the driver: 1 CPU of the head
-    except (typed_config.ConfigError, PlacementError, ValueError, OSError) as err:
+    except (configtypes.ConfigError, PlacementError, ValueError, OSError) as err:
         console.print(f"[red]plan error:[/] {err}", soft_wrap=True)
         sys.exit(2)
     where = args.cluster or "this machine"

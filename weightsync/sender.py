@@ -1,7 +1,7 @@
 """The learner's side of the weight sync: rank 0 hosts the group and broadcasts its weights.
 
 The protocol both sides share (bucket plan, wire format, authenticated group formation) is
-`weightsync.protocol`; the engines' side is `rollout.worker_extension` and `rollout.hf_engine`.
+`weightsync.transport`; the engines' side is `weightsync.receiver` and `rollout.hf_engine`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from weightsync.protocol import (  # noqa: F401 (TensorSpec: re-exported for the learner)
+from runtime.rendezvous import StoreServer
+from weightsync.transport import (  # noqa: F401 (TensorSpec: re-exported for the learner)
     DEFAULT_BUCKET_BYTES,
     Bucket,
     TensorSpec,
@@ -25,7 +26,6 @@ from weightsync.protocol import (  # noqa: F401 (TensorSpec: re-exported for the
     plan_buckets,
     spec_of,
 )  # fmt: skip
-from weightsync.rendezvous import StoreServer
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """The whole run's configuration: one typed tree, loaded from YAML plus dotted overrides.
 
-Every section is the component's own config dataclass (rollout, learner, buffer, task,
-wandb); `train` holds what belongs to the controller. Cross-section rules (impossible
-combinations) are checked here, once, with messages that say which keys to change.
+Every section is the component's own config dataclass (rollout, learner, buffer, task); `train`
+holds what belongs to the controller and `wandb` what the run logger needs. Each key has one
+default, in its section class; the embedded run's own settings are a YAML file (embedded.yaml)
+like any other run's. Cross-section rules (impossible combinations) are checked here, once,
+with messages that say which keys to change.
 """
 
 from __future__ import annotations
@@ -11,15 +13,42 @@ import argparse
 import os
 from dataclasses import field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+from pydantic import AfterValidator, Field
+
+import configtypes
 from buffer.config import BufferConfig
+from configtypes import AtLeast0, AtLeast1, ConfigError, NonEmpty, Positive, section
 from learner.config import LearnerConfig
 from rollout.config import RolloutConfig
-from rollout.tasks.registry import TaskConfig
-from vespo import placement, typed_config
-from vespo.run_logger import WandbConfig
-from vespo.typed_config import AtLeast0, AtLeast1, ConfigError, NonEmpty, Positive, section
+from rollout.tasks.base import TaskConfig
+from vespo.config import placement
+
+# the embedded default run (`vespo train` with no config): the tiny model learns one-digit addition
+EMBEDDED = Path(__file__).with_name("embedded.yaml")
+
+
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters wandb refuses in a project name
+
+
+def _project_name(name: str) -> str:
+    """wandb would refuse the name only when the run starts; say so before anything starts."""
+    if any(c in name for c in WANDB_PROJECT_FORBIDDEN):
+        raise ValueError(f"must not contain any of {' '.join(WANDB_PROJECT_FORBIDDEN)}, got {name!r}")
+    return name
+
+
+ProjectName = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_project_name)]
+
+
+@section("wandb")
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: ProjectName = "vespo"
+    entity: NonEmpty | None = None  # None: the account's default entity
+    run_name: NonEmpty | None = None  # None: wandb picks one
+    dir: NonEmpty = "runs"  # wandb writes under {dir}/wandb
 
 
 @section("train")
@@ -52,12 +81,13 @@ class TrainConfig:
 
 @section()
 class RunConfig:
-    model: NonEmpty = "tiny"  # a local Hugging Face model directory, or "tiny": the locally built tiny model
+    # a local Hugging Face model directory, or a named model (vespo.models: tiny, tiny-long, smollm2-135m)
+    model: NonEmpty = "tiny"
     train: TrainConfig = field(default_factory=TrainConfig)
-    task: TaskConfig = field(default_factory=lambda: TaskConfig(name="arithmetic", max_digits=1))
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(n=8, max_new_tokens=8, max_model_len=64))
-    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(lr=5e-4, warmup_steps=2))
-    buffer: BufferConfig = field(default_factory=lambda: BufferConfig(max_staleness=4))
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
@@ -88,11 +118,11 @@ class RunConfig:
             )
         placement.check_cores(self)
         if self.rollout.temperature > 0:  # 0 is greedy evaluation: no policy for a learner to score
-            self.learner = typed_config.derive(
+            self.learner = configtypes.derive(
                 self.learner, "temperature", self.rollout.temperature, "rollout.temperature",
                 "the learner scores the engines' policy",
             )  # fmt: skip
-        self.buffer = typed_config.derive(
+        self.buffer = configtypes.derive(
             self.buffer, "groups_per_step", t.groups_per_step, "train.groups_per_step",
             "admission counts the groups the learner takes per step",
         )  # fmt: skip
@@ -103,7 +133,9 @@ class RunConfig:
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    return typed_config.load(RunConfig, path, overrides)
+    """A run config from a YAML file plus dotted overrides; no file is the embedded run (EMBEDDED).
+    A key the file leaves out takes its section's one default."""
+    return configtypes.load(RunConfig, EMBEDDED if path is None else path, overrides)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, example: str) -> None:

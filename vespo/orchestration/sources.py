@@ -19,15 +19,15 @@ import time
 from collections.abc import Callable
 
 from buffer.replay import Batch
-from vespo.contracts import EngineLost
-from vespo.fleet import EngineFleet
-from vespo.weight_sync import WeightSync
+from vespo.orchestration.contracts import EngineLost
+from vespo.orchestration.fleet import EngineFleet
+from vespo.orchestration.weight_publisher import WeightPublisher
 
 
 class _Source:
     clock = "wait"  # which RunSummary clock the time spent in next() goes to
 
-    def __init__(self, fleet: EngineFleet, weights: WeightSync, train_cfg, stopping: Callable[[], bool]):
+    def __init__(self, fleet: EngineFleet, weights: WeightPublisher, train_cfg, stopping: Callable[[], bool]):
         self.fleet, self.weights, self.cfg, self.stopping = fleet, weights, train_cfg, stopping
         self.seconds = 0.0
 
@@ -71,7 +71,7 @@ _EMPTY = Batch([], [], [], -1)  # a sync round that ended with nothing left to t
 
 
 class AsyncSource(_Source):
-    def __init__(self, fleet: EngineFleet, weights: WeightSync, train_cfg, stopping: Callable[[], bool]):
+    def __init__(self, fleet: EngineFleet, weights: WeightPublisher, train_cfg, stopping: Callable[[], bool]):
         super().__init__(fleet, weights, train_cfg, stopping)
         self._step = 0
         self._stop = threading.Event()
@@ -117,7 +117,7 @@ class AsyncSource(_Source):
 class SyncSource(_Source):
     clock = "generate"
 
-    def __init__(self, fleet: EngineFleet, weights: WeightSync, train_cfg, stopping: Callable[[], bool]):
+    def __init__(self, fleet: EngineFleet, weights: WeightPublisher, train_cfg, stopping: Callable[[], bool]):
         super().__init__(fleet, weights, train_cfg, stopping)
         self.ratio = train_cfg.staleness_ratio
         self._given = self.ratio  # batches of the current round handed to the learner

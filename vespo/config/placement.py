@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from vespo import typed_config
-from vespo.typed_config import AtLeast0, AtLeast1, ConfigError, NonEmpty, NonNegative, section
+import configtypes
+from configtypes import AtLeast0, AtLeast1, ConfigError, NonEmpty, NonNegative, section
 
 # Custom Ray resources that mark node groups (deploy/cluster.yaml sets them per node type): when
 # the cluster has them, engines and learner ranks request a sliver, which pins them to their group.
@@ -178,12 +178,12 @@ def cluster_from_file(path: str | Path) -> ClusterSpec:
     """A cluster description from YAML: either a Ray cluster launcher config (node types from
     `available_node_types`, `max_workers` of each, roles from the vespo_* custom resources) or
     a plain `nodes:` list of {name, count, cpus, gpus, role}, checked like a run config."""
-    data = typed_config.read_yaml(path)
+    data = configtypes.read_yaml(path)
     try:
         if "available_node_types" in data:
             return cluster_from_launcher(data)
         if "nodes" in data:
-            return typed_config.build(ClusterSpec, data)
+            return configtypes.build(ClusterSpec, data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     raise PlacementError(f"{path}: expected a Ray cluster launcher config (available_node_types) or a nodes: list")

@@ -14,7 +14,7 @@ import numpy as np
 
 from buffer.replay import Batch
 from buffer.trajectory import Trajectory
-from vespo.reward_errors import RewardErrors
+from vespo.orchestration.reward_errors import RewardErrors
 
 log = logging.getLogger(__name__)
 

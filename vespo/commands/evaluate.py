@@ -19,8 +19,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+import configtypes
 from learner import checkpoint
-from vespo import run_config, typed_config
+from vespo.config import run_config
 
 
 @dataclass
@@ -60,11 +61,11 @@ def evaluate(
 
     from rollout.actor import rollout_actor
     from rollout.tasks.registry import make_task
-    from vespo.eval_score import score
-    from vespo.examples import examples
     from vespo.models import resolve_model
-    from vespo.prompts import prompt_item
-    from vespo.ray_components import init_ray
+    from vespo.orchestration.prompts import prompt_item
+    from vespo.orchestration.ray_components import init_ray
+    from vespo.reporting.eval_score import score
+    from vespo.reporting.examples import examples
 
     model_path = resolve_model(model or cfg.model)
     cfg.rollout.model_path = model_path
@@ -119,10 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         model = checkpoint_model(args.checkpoint) if args.checkpoint else args.model
         if args.samples < 1 or (args.prompts is not None and args.prompts < 1) or args.examples < 0:
             raise ValueError("--samples and --prompts must be >= 1, --examples >= 0")
-        from vespo import preflight
+        from vespo.config import preflight
 
         preflight.check(dataclasses.replace(cfg, model=model or cfg.model), need_eval=True, training=False)
-    except (typed_config.ConfigError, ValueError, OSError, checkpoint.CheckpointError) as err:  # PreflightError too
+    except (configtypes.ConfigError, ValueError, OSError, checkpoint.CheckpointError) as err:  # PreflightError too
         Console(stderr=True).print(f"[red]eval error:[/] {err}", soft_wrap=True, highlight=False)
         sys.exit(2)
     r = evaluate(cfg, model, args.prompts, args.samples, args.examples)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     if r.reward_errors:
         console.print(f"  {r.reward_errors} sample(s) failed their reward (scored 0), e.g. {r.first_reward_error}",
                       soft_wrap=True, highlight=False, markup=False)  # fmt: skip
-    from vespo.examples import Example, one_line
+    from vespo.reporting.examples import Example, one_line
 
     for e in r.examples:
         console.print(f"  example: {one_line(Example(**e))}", soft_wrap=True, highlight=False, markup=False)

@@ -45,7 +45,7 @@ def resolve_model(model: str) -> str:
 
 
 def _tiny() -> Path:
-    from vespo.tiny_model import tiny_model
+    from vespo.models.tiny import tiny_model
 
     return tiny_model()
 
@@ -56,13 +56,13 @@ def tiny_long_config():
     wrong at first, with room for RL to climb. The warm-up's loss falls steeply from step 400
     to 700 (1000 steps reach 92%); at 500 steps (18% sampled, 24% greedy) no on-policy run
     improved within 96 updates, so 550 is where RL has both a signal and room."""
-    from vespo.tiny_model import TinyModelConfig
+    from vespo.models.tiny import TinyModelConfig
 
     return TinyModelConfig(task="repeated_addition", warmup_steps=550, warmup_batch=64)
 
 
 def _tiny_long() -> Path:
-    from vespo.tiny_model import tiny_model
+    from vespo.models.tiny import tiny_model
 
     return tiny_model(tiny_long_config())
 
@@ -83,7 +83,7 @@ def smollm2_gguf() -> Path:
 
 def smollm2_135m(path: str | Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as a float32 safetensors directory, converted once and cached."""
-    from vespo.tiny_model import build_once, cache_root
+    from vespo.models.tiny import build_once, cache_root
 
     gguf = smollm2_gguf()
     digest = hashlib.sha256(json.dumps([SMOLLM2_FORMAT, gguf.name, gguf.stat().st_size]).encode()).hexdigest()[:12]

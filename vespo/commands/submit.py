@@ -20,7 +20,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vespo import run_config, typed_config
+import configtypes
+from vespo.config import run_config
 
 ROOT = Path(__file__).resolve().parent.parent  # the project: the job's working_dir
 DEFAULT_RUNTIME_ENV = ROOT / "deploy" / "runtime_env.yaml"
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"runtime env file {args.runtime_env} not found")
         submission_id = args.submission_id or f"vespo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         cmd = build_command(args, submission_id)
-    except (typed_config.ConfigError, ValueError, OSError) as err:
+    except (configtypes.ConfigError, ValueError, OSError) as err:
         console.print(f"[red]submit error:[/] {err}", soft_wrap=True)
         sys.exit(2)
     if args.dry_run:

@@ -1,4 +1,5 @@
-"""Methods added to every vLLM worker (`worker_extension_cls`), called through collective_rpc.
+"""The engines' side of the weight sync: methods added to every vLLM worker (`worker_extension_cls`),
+called through collective_rpc.
 
 They run in the worker process, next to the model: joining the learner's weight group and
 loading what it broadcasts in place, without restarting the engine. Loading goes through
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from weightsync import protocol as wb
+from weightsync import transport as wb
 
 
 class VespoWorkerExtension:

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from rollout.records import PromptItem
 from rollout.tasks.registry import TaskSample
-from vespo.contracts import Buffer, Engine, EngineDown, EngineLost, Failure
-from vespo.prompts import PromptStream
+from vespo.orchestration.contracts import Buffer, Engine, EngineDown, EngineLost, Failure
+from vespo.orchestration.prompts import PromptStream
 
 log = logging.getLogger(__name__)
 

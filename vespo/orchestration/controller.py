@@ -7,9 +7,9 @@
 
 Everything else lives in a component with one job: `fleet` (engines: feeding, failures,
 restarts, requeue), `sources` (async, or sync with ratio N: when prompts are handed out),
-`weight_sync` (group formation and broadcast), `step_metrics` (what trains, what is shown),
-`run_state` (checkpoint and resume). `setup` builds the real ones on Ray; `assemble` takes any
-that honour vespo.contracts, which is how tests run this loop with in-process fakes.
+`weight_publisher` (who joins the weight group, when weights go out), `step_metrics` (what
+trains, what is shown), `run_state` (checkpoint and resume). `setup` builds the real ones on Ray; `assemble` takes any
+that honour vespo.orchestration.contracts, which is how tests run this loop with in-process fakes.
 """
 
 from __future__ import annotations
@@ -22,21 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from buffer.divergence import DivergenceEstimate, kl_by_lag
-from configtypes.cores import bind_threads
 from learner import checkpoint
 from rollout.tasks.registry import make_task
-from vespo import run_state
-from vespo.contracts import Buffer, Engine, EngineLost, Learner
-from vespo.eval_score import score
-from vespo.examples import examples
-from vespo.fleet import EngineFleet
-from vespo.prompts import PromptStream, prompt_item
-from vespo.run_config import RunConfig
-from vespo.run_logger import RunLogger
-from vespo.sources import AsyncSource, SyncSource
-from vespo.step_metrics import Screen, step_metrics
-from vespo.weight_sync import WeightSync
-from weightsync.protocol import backend_for
+from runtime.cores import bind_threads
+from vespo.config.run_config import RunConfig
+from vespo.orchestration import run_state
+from vespo.orchestration.contracts import Buffer, Engine, EngineLost, Learner
+from vespo.orchestration.fleet import EngineFleet
+from vespo.orchestration.prompts import PromptStream, prompt_item
+from vespo.orchestration.sources import AsyncSource, SyncSource
+from vespo.orchestration.step_metrics import Screen, step_metrics
+from vespo.orchestration.weight_publisher import WeightPublisher
+from vespo.reporting.eval_score import score
+from vespo.reporting.examples import examples
+from vespo.reporting.run_logger import RunLogger
+from weightsync.transport import backend_for
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ class Controller:
         import ray
         from transformers import AutoTokenizer
 
-        from vespo import ray_components
         from vespo.models import resolve_model
+        from vespo.orchestration import ray_components
 
         cfg = self.cfg
         self.fatal = (ray.exceptions.RayActorError,)
@@ -132,7 +132,7 @@ class Controller:
         return prompt_item(gid, sample, self.tokenizer, self.cfg.task.system_prompt)
 
     def assemble(self, engines: list[Engine], buffer: Buffer, learner: Learner, make_item, started: list[dict],
-                 resume_from: Path | None = None, weights: WeightSync | None = None) -> None:  # fmt: skip
+                 resume_from: Path | None = None, weights: WeightPublisher | None = None) -> None:  # fmt: skip
         """Wire started components into the run (`started`: each engine's start() result); a new
         weight group is formed unless `weights` is one the same engines and learner already have."""
         cfg = self.cfg
@@ -145,7 +145,7 @@ class Controller:
         self.fleet.started(started, quiet=weights is not None)  # a new run on engines already up
         if weights is None:
             backend = backend_for("cuda" if cfg.learner.num_gpus_per_worker > 0 else "cpu")
-            weights = WeightSync(learner, self.fleet, backend, cfg.train.weight_bucket_mb << 20)
+            weights = WeightPublisher(learner, self.fleet, backend, cfg.train.weight_bucket_mb << 20)
             weights.form()
         self.weights, weights.fleet = weights, self.fleet
         self._stop = threading.Event()
@@ -173,7 +173,7 @@ class Controller:
         config. A sweep of many short runs pays start-up once this way. The divergence estimate
         starts over too (_reset_counters), and the new buffer at max_staleness: the last run's
         drift says nothing of the next one's."""
-        from vespo import ray_components
+        from vespo.orchestration import ray_components
 
         old = self.cfg
         cfg.rollout.model_path = cfg.learner.model_path = old.learner.model_path

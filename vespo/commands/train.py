@@ -16,8 +16,9 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from vespo import run_config, typed_config
-from vespo.run_logger import RunLogger
+import configtypes
+from vespo.config import run_config
+from vespo.reporting.run_logger import RunLogger
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = run_config.parse_config_arguments(parser, argv)
     from learner import checkpoint
-    from vespo import run_dir
+    from vespo.orchestration import run_dir
 
     console = Console()
     found = None
@@ -54,22 +55,22 @@ def main(argv: list[str] | None = None) -> None:
             run_dir.check(cfg.output, overwrite=args.overwrite, resuming=found is not None)
     except checkpoint.CheckpointError as err:
         fail("cannot resume", err, 2)
-    except (typed_config.ConfigError, ValueError, OSError) as err:
+    except (configtypes.ConfigError, ValueError, OSError) as err:
         fail("config error", err, 2)
     if args.print_config:
         import yaml
 
-        console.print(yaml.safe_dump(typed_config.to_dict(cfg), sort_keys=False))
+        console.print(yaml.safe_dump(configtypes.to_dict(cfg), sort_keys=False))
         return
-    from vespo import preflight
+    from vespo.config import preflight
 
     try:
         checked = preflight.check(cfg)
     except preflight.PreflightError as err:
         fail("error", err, 2)
     console.print(checked.summary(), soft_wrap=True, highlight=False, markup=False)
-    from vespo.controller import LearnerFailed
-    from vespo.reward_errors import RewardsFailing
+    from vespo.orchestration.controller import LearnerFailed
+    from vespo.orchestration.reward_errors import RewardsFailing
 
     run_dir.claim(cfg.output, overwrite=args.overwrite, resuming=found is not None)
     try:
@@ -117,14 +118,14 @@ def config_of_checkpoint(path, overrides: list[str]) -> run_config.RunConfig:
     stored = (data.get("task") or {}).get("reward_fn") if isinstance(data.get("task"), dict) else None
     named = any(item.partition("=")[0].strip() == "task.reward_fn" for item in overrides)
     if stored and not named:
-        raise typed_config.ConfigError(
+        raise configtypes.ConfigError(
             f"the checkpoint's config names task.reward_fn={stored}, code that would be imported and run; a "
             f"checkpoint is not trusted to choose code: name it yourself to use it (task.reward_fn={stored}) "
             "or pass a config file"
         )
     for item in overrides:
-        typed_config.apply_override(data, item)
-    return typed_config.build(run_config.RunConfig, data)
+        configtypes.apply_override(data, item)
+    return configtypes.build(run_config.RunConfig, data)
 
 
 def run(cfg: run_config.RunConfig, console: Console | None = None, resume=None):
@@ -132,7 +133,7 @@ def run(cfg: run_config.RunConfig, console: Console | None = None, resume=None):
     checkpoint); returns the RunSummary. Ray is left running if it was already up."""
     import ray
 
-    from vespo.controller import Controller
+    from vespo.orchestration.controller import Controller
 
     console = console or Console()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -140,7 +141,7 @@ def run(cfg: run_config.RunConfig, console: Console | None = None, resume=None):
     # keeps the default, so a resumed copy of the run logs into the copy
     wandb_cfg = dataclasses.replace(cfg.wandb, dir=str(cfg.output) if cfg.wandb.dir == "runs" else cfg.wandb.dir)
     was_up = ray.is_initialized()
-    logger = RunLogger(wandb_cfg, typed_config.to_dict(cfg), console, total_steps=cfg.train.steps)
+    logger = RunLogger(wandb_cfg, configtypes.to_dict(cfg), console, total_steps=cfg.train.steps)
     controller = Controller(cfg, logger)
     console.print(f"[bold]vespo[/] {cfg.train.mode} run: {cfg.train.steps} steps, model {cfg.model}, "
                   f"task {cfg.task.name}, objective {cfg.learner.objective}; wandb: {logger.location}"

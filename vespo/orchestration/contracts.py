@@ -1,7 +1,7 @@
 """What the training loop needs of an engine, the buffer and the learner, and nothing more.
 
 The orchestration (fleet, sources, weight sync, loop) talks only to these. The real components
-reach it through `vespo.ray_components` (Ray actors: vLLM engines, the replay-buffer actor, the
+reach it through `vespo.orchestration.ray_components` (Ray actors: vLLM engines, the replay-buffer actor, the
 DeepSpeed learner group); `tests/fakes.py` has in-process ones behind the same methods, so the
 scheduling logic (admission, requeue, recovery, sync-N rounds, stop, resume) is tested in
 seconds without Ray or vLLM.

@@ -1,4 +1,4 @@
-"""The weight-sync protocol: how the learner's weights reach running rollout engines.
+"""The weight-sync transport: how the learner's weights reach running rollout engines.
 
 The learner is rank 0 of a small group of its own; every engine worker (one per tensor-
 parallel shard of every engine) is a receiver. The group is separate from DeepSpeed's and
@@ -7,7 +7,7 @@ vLLM's own groups, so it is built from a TCPStore and a backend object directly 
 the same code.
 
 Nobody else joins: rank 0 hosts the group's rendezvous on an authenticated store
-(learner.rendezvous) bound to one address (loopback when the whole run is on one machine), and
+(runtime.rendezvous) bound to one address (loopback when the whole run is on one machine), and
 every member proves a secret made for this group, handed to the engines through Ray, before any
 address is exchanged. A process that merely reaches the port is refused and named in the log.
 
@@ -26,7 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from weightsync.rendezvous import AuthStore, gloo_options
+from runtime.rendezvous import AuthStore, gloo_options
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 _STORE_PREFIX = "vespo-weights"

@@ -5,7 +5,7 @@ A weight group has a fixed membership, so an engine restart means a new group fo
 dead engine is restarted, the group re-formed with every engine, the weights sent again, and
 only then is the restarted engine fed (never generating with stale weights it would mislabel).
 The transport itself (bucket plan, wire format, authenticated rendezvous, gloo or NCCL) is
-`weightsync.protocol`; this module only decides who joins and when.
+`weightsync.transport`; this module only decides who joins and when.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import time
 
 import numpy as np
 
-from vespo.contracts import EngineDown, EngineLost, Learner
-from vespo.fleet import EngineFleet
+from vespo.orchestration.contracts import EngineDown, EngineLost, Learner
+from vespo.orchestration.fleet import EngineFleet
 
 log = logging.getLogger(__name__)
 
 
-class WeightSync:
+class WeightPublisher:
     def __init__(self, learner: Learner, fleet: EngineFleet, backend: str, bucket_bytes: int = 64 << 20):
         self.learner, self.fleet, self.backend, self.bucket_bytes = learner, fleet, backend, bucket_bytes
         self.version = 0  # the engines' weights: the learner step they were published at

@@ -13,16 +13,16 @@ import json
 import logging
 from pathlib import Path
 
+import configtypes
 from learner import checkpoint
-from vespo import typed_config
-from vespo.prompts import PromptStream, PromptStreamState
+from vespo.orchestration.prompts import PromptStream, PromptStreamState
 
 log = logging.getLogger(__name__)
 
 
 def save(run) -> Path:
     """Write a checkpoint of `run` (a Controller) under its checkpoint root; returns its path."""
-    state = {"step": run.step, "version": run.weights.version, "config": typed_config.to_dict(run.cfg)}
+    state = {"step": run.step, "version": run.weights.version, "config": configtypes.to_dict(run.cfg)}
 
     def snapshot_buffer(path: Path) -> None:
         # with it, the prompt stream's position and the prompts to hand out again, taken together

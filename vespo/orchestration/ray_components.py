@@ -1,4 +1,4 @@
-"""The real components behind vespo.contracts: Ray actors, and Ray's errors in the loop's terms.
+"""The real components behind vespo.orchestration.contracts: Ray actors, and Ray's errors in the loop's terms.
 
 An engine call that fails because its actor is gone (for now: Ray restarts it) becomes
 EngineDown; one whose actor will not come back becomes EngineLost. Everything else (a learner
@@ -23,8 +23,7 @@ from buffer.replay import Batch
 from learner.group import LearnerGroup
 from rollout.actor import EngineNotStarted, rollout_actor
 from rollout.records import PromptItem, RolloutResult
-from vespo.contracts import EngineDown, EngineLost
-from vespo.placement import (
+from vespo.config.placement import (
     PlacementError,
     assign_cores,
     cluster_from_ray,
@@ -33,7 +32,8 @@ from vespo.placement import (
     plan,
     role_options,  # fmt: skip
 )
-from weightsync.protocol import node_ip
+from vespo.orchestration.contracts import EngineDown, EngineLost
+from weightsync.transport import node_ip
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The `vespo` subcommands: each parses its arguments and drives the layers below."""

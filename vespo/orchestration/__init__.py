@@ -1,0 +1,1 @@
+"""The training loop and what it drives: engines, batches, weight publishing, run state."""

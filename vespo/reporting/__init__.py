@@ -1,0 +1,1 @@
+"""What a run reports: wandb and console metrics, evaluation scores, sample responses."""
