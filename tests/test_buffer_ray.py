@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from test_buffer import group
+from buffer_fixtures import group
 
 from buffer import BufferConfig
 from buffer.actor import buffer_actor

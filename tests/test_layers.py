@@ -151,3 +151,21 @@ def test_the_orchestration_imports_without_ray_vllm_or_deepspeed():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_tests_stand_alone():
+    """Shared helpers live in fixture modules (tests/*_fixtures.py, fakes.py), never in another test
+    file, and what tests import from the project is packaged (pyproject's packages.find)."""
+    packaged = set(PACKAGES) | {"bench"}
+    local = {p.stem for p in (ROOT / "tests").glob("*.py")}
+    bad = []
+    for path in sources("tests"):
+        for name, line in sorted(imported_modules(path)):
+            top = name.split(".")[0]
+            if top.startswith("test_") or (top in local and top.startswith("test")):
+                bad.append(f"{path.name}:{line} imports the test module {name}")
+            elif (ROOT / top).is_dir() and top not in packaged and top != "tests":
+                bad.append(f"{path.name}:{line} imports {name}, which is not packaged")
+    assert not bad, "\n".join(bad)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert all(f'"{p}*"' in pyproject for p in packaged)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
-from test_train_e2e import EXPECTED_KEYS
+from run_fixtures import EXPECTED_KEYS
 from wandb_offline import read_run
 
 from rollout.tasks.word_problems import write_parquet

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_fixtures import EXPECTED_KEYS
 from wandb_offline import read_run
 
 from vespo.commands.train import run
@@ -19,12 +20,6 @@ from vespo.config import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-EXPECTED_KEYS = {
-    "reward/mean", "reward/accuracy", "actor/loss", "actor/grad_norm", "vespo/W_mean",
-    "staleness/batch_max", "staleness/token_max", "staleness/histogram/values", "buffer/occupancy",
-    "buffer/dropped_stale", "perf/train_tokens_per_s", "perf/gen_tokens_per_s", "time/wait_s", "time/train_s",
-    "time/sync_s", "version/lag", "eval/reward",
-}  # fmt: skip
 
 
 def config(tmp_path: Path, *overrides: str) -> run_config.RunConfig:
