@@ -220,7 +220,7 @@ def learner_phases(path: str, batches: dict[str, object], train, args) -> dict:
         worker.train_step(train, totals)  # warm-up
         for _ in range(args.steps):
             t = time.perf_counter()
-            metrics = worker.train_step(train, totals)
+            metrics = worker.train_step(train, totals).metrics
             res["steps"].append(time.perf_counter() - t)
             res.setdefault("parts", []).append({k: metrics[f"perf/{k}_s"] for k in PARTS})
             log(f"learner {SHORT[dtype]} step: {res['steps'][-1]:.1f}s (load {load():.1f})")

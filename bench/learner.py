@@ -87,7 +87,7 @@ def main() -> None:
             walls, parts = [], []
             for _ in range(args.steps):
                 start = time.perf_counter()
-                metrics = group.train_step(batch)
+                metrics = group.train_step(batch).metrics
                 walls.append(time.perf_counter() - start)
                 parts.append(metrics)
             group.shutdown()

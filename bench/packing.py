@@ -65,7 +65,7 @@ def timed_step(worker, cfg: LearnerConfig, pack: bool, batch, totals) -> dict[st
     the CPU time of the whole step (the optimizer step, the same in both modes, is ~1% of it)."""
     worker.cfg = dataclasses.replace(cfg, pack_sequences=pack)
     cpu = time.process_time()
-    m = worker.train_step(batch, totals)
+    m = worker.train_step(batch, totals).metrics
     cpu = time.process_time() - cpu
     wall = m["perf/forward_s"] + m["perf/objective_s"] + m["perf/backward_s"]
     return {"wall": wall, "cpu": cpu, "padding": m["perf/padding_frac"]}

@@ -162,7 +162,7 @@ def run_learner(path: str, trajectories, steps: int, micro_batch_tokens: int) ->
     walls, parts = [], []
     for _ in range(steps):
         t = time.perf_counter()
-        metrics = worker.train_step(batch, totals)
+        metrics = worker.train_step(batch, totals).metrics
         walls.append(time.perf_counter() - t)
         parts.append(metrics)
         log(f"learner step {len(walls)}: {walls[-1]:.1f}s")

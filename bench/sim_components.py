@@ -25,9 +25,9 @@ import numpy as np
 
 from bench.sim_model import CostModel
 from bench.sim_world import Ledger, SimPending, World, remote
-from buffer.divergence import metric_key
 from buffer.replay import Batch, ReplayBuffer
 from buffer.trajectory import Trajectory
+from learner.step_result import StepResult
 from rollout.records import PromptItem
 from vespo.orchestration.contracts import Done
 
@@ -258,7 +258,7 @@ class SimLearner:
         world.broadcast = Broadcast()
 
     @remote("learner.train")
-    def train(self, batch: Batch, pad_id: int, recompute_old_logprobs: bool = False) -> dict[str, float]:
+    def train(self, batch: Batch, pad_id: int, recompute_old_logprobs: bool = False) -> StepResult:
         tokens = sum(t.num_tokens for t in batch.trajectories)
         width = max((t.num_tokens for t in batch.trajectories), default=0)
         self.world.pay()  # the step starts once the controller has done its part
@@ -266,8 +266,8 @@ class SimLearner:
         self.driver_s += driver
         self.world.sleep_until(start + driver + self.model.train_s(tokens, self.ranks))
         self.records.append(TrainRecord(start, self.world.now(), tokens, list(batch.staleness), batch.version))
-        drift = {metric_key(lag): self.model.batch_kl(lag, batch.version) for lag in sorted(set(batch.staleness))}
-        return {"actor/loss": 0.0, **drift}
+        drift = {lag: self.model.batch_kl(lag, batch.version) for lag in sorted(set(batch.staleness))}
+        return StepResult({"actor/loss": 0.0}, kl_by_lag=drift)
 
     @remote("learner.open_weight_sync")
     def open_weight_sync(self, num_receivers: int, bucket_bytes: int) -> tuple[str, int, str]:

@@ -1,14 +1,14 @@
 """Staleness measured in nats: how far the learner finds data of each lag from its policy.
 
 The learner reports, each step, the mean per-token KL(mu || pi) of its batch's response
-tokens by lag (learner version minus the version that sampled the token), as the metrics
-`divergence/kl_lag{L}` (learner.divergence_metrics). `DivergenceEstimate` smooths those into
+tokens by lag (learner version minus the version that sampled the token), as a {lag: KL}
+mapping (learner.step_result.StepResult.kl_by_lag). `DivergenceEstimate` smooths those into
 one estimate per lag and turns a budget in nats per token into a staleness cap: the largest
 lag whose estimate, and every fresher lag's, stays within the budget. The buffer then admits
 and keeps nothing older than that (buffer.replay.ReplayBuffer.set_staleness_cap), inside the
 version cap `buffer.max_staleness`, which stays the outer bound.
 
-Pure bookkeeping, no I/O: the controller feeds it the learner's metrics after every step.
+Pure bookkeeping, no I/O: the controller feeds it the learner's KL by lag after every step.
 
 - Smoothing: an exponential moving average per lag, a new measurement weighing `weight`
   (0.3: a lag's estimate follows a change within a few steps, and one noisy batch moves it by
@@ -31,27 +31,8 @@ Pure bookkeeping, no I/O: the controller feeds it the learner's metrics after ev
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-METRIC_PREFIX = "divergence/kl_lag"
-_KEY = re.compile(re.escape(METRIC_PREFIX) + r"(\d+)$")
-
-
-def metric_key(lag: int) -> str:
-    """The learner metric holding the mean KL per token of data `lag` versions old."""
-    return f"{METRIC_PREFIX}{lag}"
-
-
-def kl_by_lag(metrics: Mapping[str, float]) -> dict[int, float]:
-    """{lag: mean KL per token} from a learner step's metrics; other keys are ignored."""
-    out = {}
-    for key, value in metrics.items():
-        match = _KEY.match(key)
-        if match:
-            out[int(match.group(1))] = float(value)
-    return out
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""How far off-policy the learner finds its data, by lag: `divergence/kl_lag{L}`.
+"""How far off-policy the learner finds its data, by lag (`StepResult.kl_by_lag`).
 
 For each response token sampled by the behaviour policy mu, the k3 estimator of KL(mu || pi)
     r = pi / mu = exp(logprob - behavior_logprob),    kl = (r - 1) - log r   (>= 0)
@@ -14,8 +14,6 @@ the device over the micro-batches (two bincounts each), and come to the host onc
 from __future__ import annotations
 
 import torch
-
-from buffer.divergence import metric_key
 
 LOG_RATIO_CLAMP = 20.0  # |log r| beyond this is one broken token, not a measurement: keep exp finite
 
@@ -45,12 +43,13 @@ class LagKL:
         self.sums = _add_padded(self.sums, sums)
         self.counts = _add_padded(self.counts, counts)
 
-    def metrics(self) -> dict[str, float]:
-        """{divergence/kl_lag{L}: mean KL per token} for every lag with response tokens."""
+    def by_lag(self) -> tuple[dict[int, float], dict[int, float]]:
+        """({lag: mean KL per token}, {lag: response tokens}) for every lag with response tokens."""
         if self.sums is None or self.counts is None:
-            return {}
+            return {}, {}
         sums, counts = self.sums.double().cpu().tolist(), self.counts.double().cpu().tolist()
-        return {metric_key(lag): s / n for lag, (s, n) in enumerate(zip(sums, counts, strict=True)) if n > 0}
+        measured = [(lag, s, n) for lag, (s, n) in enumerate(zip(sums, counts, strict=True)) if n > 0]
+        return {lag: s / n for lag, s, n in measured}, {lag: n for lag, _, n in measured}
 
 
 def _add_padded(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:

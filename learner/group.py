@@ -25,6 +25,7 @@ from learner.batching import TrainBatch, collate
 from learner.config import LearnerConfig
 from learner.process_group import host_store
 from learner.sharding import batch_totals, merge_metrics, shard, shard_rows
+from learner.step_result import StepResult, merge_results
 from learner.worker import LearnerWorker
 from runtime.cores import held_cores, pin_process
 
@@ -126,7 +127,7 @@ class LearnerGroup:
             adv = adv * torch.as_tensor(weights, dtype=torch.float32)
         return collate(trajectories, adv.numpy(), pad_id)
 
-    def train(self, batch: Batch, pad_id: int, recompute_old_logprobs: bool = False) -> dict[str, float]:
+    def train(self, batch: Batch, pad_id: int, recompute_old_logprobs: bool = False) -> StepResult:
         """One optimizer step on a buffer batch: advantages (scaled by the batch's weights), pi_old
         recomputed by the learner when asked (train/inference mismatch correction), the loss."""
         trained = self.make_batch(batch.trajectories, pad_id, batch.weights)
@@ -134,7 +135,7 @@ class LearnerGroup:
             trained = self.with_old_logprobs(trained)
         return self.train_step(trained)
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch) -> StepResult:
         return self._on_shards("train_step", batch)
 
     def with_old_logprobs(self, batch: TrainBatch) -> TrainBatch:
@@ -146,14 +147,14 @@ class LearnerGroup:
             old[shard_rows(batch, self.cfg.world_size)[rank]] = part
         return TrainBatch(**{**{f: getattr(batch, f) for f in batch.__dataclass_fields__}, "old_logprobs": old})
 
-    def evaluate_loss(self, batch: TrainBatch) -> dict[str, float]:
+    def evaluate_loss(self, batch: TrainBatch) -> StepResult:
         return self._on_shards("evaluate_loss", batch)
 
-    def _on_shards(self, method: str, batch: TrainBatch) -> dict[str, float]:
+    def _on_shards(self, method: str, batch: TrainBatch) -> StepResult:
         totals = batch_totals(batch)
         shards = shard(batch, self.cfg.world_size)
         calls = [getattr(w, method).remote(s, totals) for w, s in zip(self.workers, shards, strict=True)]
-        return merge_metrics(ray.get(calls))
+        return merge_results(ray.get(calls), merge_metrics)
 
     def full_state_dict(self) -> dict:
         """Full weights from rank 0 (every rank takes part in the gather under ZeRO-3). The whole

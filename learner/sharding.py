@@ -43,8 +43,7 @@ _MERGE: dict[str, Callable] = {
 def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
     """Ranks' metrics: the loss adds up (each rank holds its share), version bounds and
     *_max / *_min statistics take the extreme, everything else is averaged. A key only some
-    ranks report (divergence/kl_lag{L}: no tokens of lag L in another rank's shard) is merged
-    over those ranks alone."""
+    ranks report is merged over those ranks alone."""
     keys = set().union(*per_rank)
     return {k: float(_merge_rule(k)([m[k] for m in per_rank if k in m])) for k in sorted(keys)}
 

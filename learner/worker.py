@@ -24,6 +24,7 @@ from learner.logprobs import token_logprobs
 from learner.objectives import compute_loss, make_config
 from learner.packing import PackedRows, micro_batches_of, packed_token_logprobs
 from learner.process_group import host_store, join_default_group
+from learner.step_result import StepResult
 from weightsync.transport import backend_for
 
 
@@ -92,13 +93,14 @@ class LearnerWorker:
         self.device = self.engine.device
         self.step_count = 0
 
-    def train_step(self, batch: TrainBatch, totals: dict[str, float]) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, totals: dict[str, float]) -> StepResult:
         """One optimizer step on this rank's shard; `totals` are the global token and sequence
         counts, so every micro-batch's loss is weighted to make the sum over all micro-batches
         and ranks exactly the objective's aggregate over the whole batch."""
         start = time.perf_counter()
         self.engine.train()
-        metrics = self._forward_backward(batch, totals, backward=True)
+        result = self._forward_backward(batch, totals, backward=True)
+        metrics = result.metrics
         t_step = time.perf_counter()
         skipped = self._drop_nonfinite_grads()
         self.engine.step()
@@ -114,7 +116,7 @@ class LearnerWorker:
         metrics["actor/lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["perf/train_tokens_per_s"] = float(batch.attention_mask.sum()) / max(elapsed, 1e-9)
         metrics["perf/train_step_s"] = elapsed
-        return metrics
+        return result
 
     def _drop_nonfinite_grads(self) -> bool:
         """A NaN/inf gradient must never reach the weights. Under ZeRO 1-3 DeepSpeed checks the
@@ -136,12 +138,12 @@ class LearnerWorker:
         return True
 
     @torch.no_grad()
-    def evaluate_loss(self, batch: TrainBatch, totals: dict[str, float]) -> dict[str, float]:
+    def evaluate_loss(self, batch: TrainBatch, totals: dict[str, float]) -> StepResult:
         """The objective on a batch without updating anything (for tests and monitoring)."""
         self.engine.eval()
         return self._forward_backward(batch, totals, backward=False)
 
-    def _forward_backward(self, batch: TrainBatch, totals: dict[str, float], backward: bool) -> dict[str, float]:
+    def _forward_backward(self, batch: TrainBatch, totals: dict[str, float], backward: bool) -> StepResult:
         sums: dict[str, float] = {}
         extremes: dict[str, float] = {}
         weight_total, computed = 0.0, 0
@@ -191,7 +193,6 @@ class LearnerWorker:
         out.update(extremes)
         out["actor/loss"] = sums.get("loss_share", 0.0)  # this rank's part of the batch loss
         out.update(clock)
-        out.update(lag_kl.metrics())
         out["perf/padding_frac"] = 1.0 - float(batch.attention_mask.sum()) / max(computed, 1)
         versions = batch.token_versions[batch.token_versions >= 0]
         if versions.numel():
@@ -201,7 +202,7 @@ class LearnerWorker:
             out["staleness/token_max"] = float(lag.max())
             out["staleness/token_mean"] = float(lag.mean())
             out["staleness/token_min"] = float(lag.min())
-        return out
+        return StepResult(out, *lag_kl.by_lag())
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:

@@ -20,6 +20,7 @@ from buffer.replay import Batch, ReplayBuffer
 from buffer.trajectory import Trajectory
 from learner import checkpoint
 from learner.checkpoint_reader import DEEPSPEED_TAG
+from learner.step_result import StepResult
 from rollout.records import PromptItem, RolloutResult
 from vespo.config import run_config
 from vespo.orchestration.contracts import Done, EngineDown, EngineLost
@@ -184,11 +185,11 @@ class FakeLearner:
         self.groups_formed = self.broadcasts = 0
         self.events = events if events is not None else []  # ("train", "learner", step after it)
 
-    def train(self, batch: Batch, pad_id: int, recompute_old_logprobs: bool = False) -> dict[str, float]:
+    def train(self, batch: Batch, pad_id: int, recompute_old_logprobs: bool = False) -> StepResult:
         self.batches.append(batch)
         self.step += 1
         self.events.append(("train", "learner", self.step))
-        return {"actor/loss": 0.0}
+        return StepResult({"actor/loss": 0.0})
 
     def open_weight_sync(self, num_receivers: int, bucket_bytes: int) -> tuple[str, int, str]:
         self.groups_formed += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from dataclasses import replace
 
 import msgpack
 import numpy as np
@@ -16,10 +17,11 @@ from learner_fixtures import VOCAB, in_process_rank, save_tiny_llama
 
 from buffer import BufferConfig, ReplayBuffer, Trajectory
 from buffer.actor import _BufferActor
-from buffer.divergence import DivergenceEstimate, kl_by_lag, metric_key
+from buffer.divergence import DivergenceEstimate
 from buffer.replay import SNAPSHOT_FILE
 from configtypes import ConfigError
 from learner.divergence_metrics import LagKL, k3_kl
+from learner.step_result import StepResult, merge_results
 from vespo.config import run_config
 
 # -- the estimate -------------------------------------------------------------------------------
@@ -109,10 +111,16 @@ def test_reset_forgets_everything():
     assert est.measured == {} and est.cap(0.01, 4) == 4
 
 
-def test_kl_by_lag_reads_only_the_lag_metrics():
-    metrics = {metric_key(0): 0.01, "divergence/kl_lag12": 0.5, "divergence/kl_lagx": 1.0,
-               "divergence/staleness_cap": 2.0, "actor/ppo_kl": 3.0}  # fmt: skip
-    assert kl_by_lag(metrics) == {0: 0.01, 12: 0.5}
+def test_ranks_merge_kl_by_lag_weighted_by_their_tokens():
+    from learner.sharding import merge_metrics
+
+    ranks = [StepResult({"actor/loss": 1.0}, {0: 0.01, 2: 0.5}, {0: 30.0, 2: 10.0}),
+             StepResult({"actor/loss": 2.0}, {0: 0.03}, {0: 10.0})]  # fmt: skip
+    merged = merge_results(ranks, merge_metrics)
+    assert merged.metrics == {"actor/loss": 3.0}
+    assert merged.kl_by_lag == pytest.approx({0: 0.015, 2: 0.5}) and merged.tokens_by_lag == {0: 40.0, 2: 10.0}
+    assert merged.dashboard() == pytest.approx({"actor/loss": 3.0, "divergence/kl_lag0": 0.015,
+                                                "divergence/kl_lag2": 0.5})  # fmt: skip
 
 
 # -- the learner's metric -----------------------------------------------------------------------
@@ -136,9 +144,9 @@ def test_kl_is_binned_by_lag_over_response_tokens_and_micro_batches():
     acc.add(lp, blp, mask, 5 - versions)
     acc.add(torch.full((1, 2), math.log(2.0)), torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[7, 7]]))
     k2, k3 = 1.0 - math.log(2.0), 2.0 - math.log(3.0)
-    assert acc.metrics() == pytest.approx({metric_key(0): 0.0, metric_key(2): (k2 + k3 + 0.0) / 3,
-                                           metric_key(7): k2})  # fmt: skip
-    assert LagKL().metrics() == {}
+    kl, tokens = acc.by_lag()
+    assert kl == pytest.approx({0: 0.0, 2: (k2 + k3 + 0.0) / 3, 7: k2}) and tokens == {0: 2.0, 2: 3.0, 7: 2.0}
+    assert LagKL().by_lag() == ({}, {})
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +180,13 @@ def test_the_worker_reports_k3_kl_by_lag_against_the_sampler(worker):
     mask = batch.response_mask > 0
     kl = k3_kl(lp, batch.behavior_logprobs)
     lags = 3 - batch.token_versions
-    want = {metric_key(lag): float(kl[mask & (lags == lag)].mean()) for lag in (0, 2)}
-    got = worker.evaluate_loss(batch, batch_totals(batch))
-    assert kl_by_lag(got) == pytest.approx(kl_by_lag(want), rel=1e-4)
-    assert min(kl_by_lag(got).values()) > 0
+    want = {lag: float(kl[mask & (lags == lag)].mean()) for lag in (0, 2)}
+    got = worker.evaluate_loss(batch, batch_totals(batch)).kl_by_lag
+    assert got == pytest.approx(want, rel=1e-4)
+    assert min(got.values()) > 0
     # with pi_old recomputed (mismatch correction) the divergence is still to the sampler's log-probs
     batch.old_logprobs = lp + 0.5
-    assert kl_by_lag(worker.evaluate_loss(batch, batch_totals(batch))) == pytest.approx(kl_by_lag(want), rel=1e-4)
+    assert worker.evaluate_loss(batch, batch_totals(batch)).kl_by_lag == pytest.approx(want, rel=1e-4)
 
 
 # -- the buffer's dynamic cap -------------------------------------------------------------------
@@ -273,8 +281,8 @@ class DriftingLearner(FakeLearner):
         super().__init__()
         self.by_lag = by_lag
 
-    def train(self, batch, pad_id: int, recompute_old_logprobs: bool = False) -> dict[str, float]:
-        return super().train(batch, pad_id, recompute_old_logprobs) | {metric_key(k): v for k, v in self.by_lag.items()}
+    def train(self, batch, pad_id: int, recompute_old_logprobs: bool = False) -> StepResult:
+        return replace(super().train(batch, pad_id, recompute_old_logprobs), kl_by_lag=dict(self.by_lag))
 
 
 class CountingBuffer(ReplayBuffer):
@@ -303,9 +311,9 @@ def test_the_controller_sets_the_cap_the_measured_drift_allows(tmp_path, kl_lag1
 class SpikingLearner(FakeLearner):
     """Lag 0 within budget every step but the second, where one noisy batch reads far over it."""
 
-    def train(self, batch, pad_id: int, recompute_old_logprobs: bool = False) -> dict[str, float]:
-        metrics = super().train(batch, pad_id, recompute_old_logprobs)
-        return metrics | {metric_key(0): 0.5 if len(self.batches) == 2 else 0.001}
+    def train(self, batch, pad_id: int, recompute_old_logprobs: bool = False) -> StepResult:
+        result = super().train(batch, pad_id, recompute_old_logprobs)
+        return replace(result, kl_by_lag={0: 0.5 if len(self.batches) == 2 else 0.001})
 
 
 def test_after_a_spike_the_controller_reopens_the_cap_one_version_a_step(tmp_path):

@@ -58,9 +58,9 @@ def test_zero_stages_match_a_plain_torch_adamw_step(ray_cluster, model_dir, zero
     group = make_group(model_dir, zero_stage, eps=ADAM_EPS)
     try:
         batch = group.make_batch(synthetic_trajectories())
-        before = group.evaluate_loss(batch)["actor/loss"]
-        metrics = group.train_step(batch)
-        after = group.evaluate_loss(batch)["actor/loss"]
+        before = group.evaluate_loss(batch).metrics["actor/loss"]
+        metrics = group.train_step(batch).metrics
+        after = group.evaluate_loss(batch).metrics["actor/loss"]
         weights = group.full_state_dict()
     finally:
         group.shutdown()
@@ -81,14 +81,14 @@ def test_resume_reproduces_the_next_steps_exactly(ray_cluster, model_dir, tmp_pa
     try:
         tensors = [group.make_batch(b) for b in batches]
         corrected = group.with_old_logprobs(tensors[0])
-        plain_loss = group.evaluate_loss(tensors[0])["actor/loss"]
-        corrected_metrics = group.evaluate_loss(corrected)
+        plain_loss = group.evaluate_loss(tensors[0]).metrics["actor/loss"]
+        corrected_metrics = group.evaluate_loss(corrected).metrics
         group.train_step(tensors[0])
         buffer_state = {"trajectories": 7}
         path = group.save_checkpoint(
             tmp_path, step=1, policy_version=1, extra={"buffer": lambda d: _write_json(d, buffer_state)}
         )
-        expected = [group.train_step(t)["actor/loss"] for t in tensors[1:]]
+        expected = [group.train_step(t).metrics["actor/loss"] for t in tensors[1:]]
     finally:
         group.shutdown()
     # pi_old is the learner's own policy: the decomposition pi/pi_old * pi_old/mu leaves W, and
@@ -108,7 +108,7 @@ def test_resume_reproduces_the_next_steps_exactly(ray_cluster, model_dir, tmp_pa
     resumed = make_group(model_dir, zero_stage=2, warmup_steps=2)
     try:
         meta = resumed.load_checkpoint(tmp_path)
-        got = [resumed.train_step(t)["actor/loss"] for t in tensors[1:]]
+        got = [resumed.train_step(t).metrics["actor/loss"] for t in tensors[1:]]
     finally:
         resumed.shutdown()
     assert (meta.step, meta.policy_version) == (1, 1)
@@ -128,14 +128,14 @@ def test_rebuild_starts_over_from_the_model_with_the_new_objective(ray_cluster, 
         group.train_step(batch)
         group.rebuild(replace(group.cfg, objective="grpo"))
         start = group.full_state_dict()
-        rebuilt = group.train_step(batch)
+        rebuilt = group.train_step(batch).metrics
         with pytest.raises(ValueError, match="world_size and zero_stage must not change"):
             ray.get(group.workers[0].rebuild.remote(replace(group.cfg, zero_stage=3)))
     finally:
         group.shutdown()
     fresh = make_group(model_dir, zero_stage=2, objective="grpo")
     try:
-        expected = fresh.train_step(fresh.make_batch(batch_trajs))
+        expected = fresh.train_step(fresh.make_batch(batch_trajs)).metrics
     finally:
         fresh.shutdown()
     original = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
@@ -158,9 +158,9 @@ def test_a_nonfinite_gradient_skips_the_update_on_every_rank(ray_cluster, model_
         poisoned = good.advantages.clone()
         poisoned[0] = float("nan")  # one row of one rank's shard
         before = group.full_state_dict()
-        bad = group.train_step(replace(good, advantages=poisoned))
+        bad = group.train_step(replace(good, advantages=poisoned)).metrics
         after_bad = group.full_state_dict()
-        ok = group.train_step(good)
+        ok = group.train_step(good).metrics
         after_good = group.full_state_dict()
     finally:
         group.shutdown()

@@ -184,7 +184,7 @@ def test_a_worker_step_is_the_same_packed_and_padded(worker):
         for packed in (True, False):
             worker.rebuild(replace(worker.cfg, micro_batch_tokens=budget, pack_sequences=packed, eps=ADAM_EPS))
             old = worker.compute_logprobs(batch)
-            metrics = worker.train_step(batch, totals)
+            metrics = worker.train_step(batch, totals).metrics
             results[budget, packed] = old, metrics, worker.full_state_dict()
     valid = valid_columns(batch)
     for budget in (300, 4096):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from buffer.replay import Batch
+    from learner.step_result import StepResult
     from rollout.records import PromptItem, RolloutResult
 
 # a group that failed inside a live engine: (group id, reason, refused). A refused prompt (too
@@ -96,7 +97,7 @@ class Buffer(Protocol):
 
 
 class Learner(Protocol):
-    def train(self, batch: Batch, pad_id: int, recompute_old_logprobs: bool = False) -> dict[str, float]: ...
+    def train(self, batch: Batch, pad_id: int, recompute_old_logprobs: bool = False) -> StepResult: ...
 
     def open_weight_sync(self, num_receivers: int, bucket_bytes: int) -> tuple[str, int, str]: ...
 

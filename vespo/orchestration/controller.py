@@ -1,7 +1,7 @@
 """The training recipe: build the run's components, then one loop.
 
     batch = source.next(step)        # whole groups from the buffer, under its admission rule
-    metrics = learner.train(batch)   # advantages (scaled by the batch's weights), loss, update
+    result = learner.train(batch)    # advantages (scaled by the batch's weights), loss, update
     weights.publish(step)            # when the schedule says so
     after_step(...)                  # metrics, evaluation, checkpoint, logging
 
@@ -21,15 +21,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from buffer.divergence import DivergenceEstimate, kl_by_lag
+import configtypes
+from buffer.divergence import DivergenceEstimate
 from learner import checkpoint
+from learner.step_result import StepResult
 from rollout.tasks.registry import make_task
 from runtime.cores import bind_threads
 from vespo.config.run_config import RunConfig
 from vespo.orchestration import run_state
 from vespo.orchestration.contracts import Buffer, Engine, EngineLost, Learner
 from vespo.orchestration.fleet import EngineFleet
-from vespo.orchestration.prompts import PromptStream, prompt_item
+from vespo.orchestration.prompts import PromptStream, PromptStreamState, prompt_item
 from vespo.orchestration.sources import AsyncSource, SyncSource
 from vespo.orchestration.step_metrics import Screen, step_metrics
 from vespo.orchestration.weight_publisher import WeightPublisher
@@ -152,7 +154,7 @@ class Controller:
         source = SyncSource if cfg.train.mode == "sync" else AsyncSource
         self.source = source(self.fleet, self.weights, cfg.train, self.stopping)
         if resume_from is not None:
-            run_state.restore(self, resume_from)
+            self.restore(resume_from)
 
     @property
     def engine_restarts(self) -> int:
@@ -220,12 +222,12 @@ class Controller:
                 if screened.batch is None:
                     continue  # nothing in it can train (logged)
                 t0 = time.perf_counter()
-                metrics = self.learner.train(screened.batch, self.pad_id, cfg.recompute_old_logprobs)
+                result = self.learner.train(screened.batch, self.pad_id, cfg.recompute_old_logprobs)
                 self.train_s += time.perf_counter() - t0
                 self.step += 1
                 if self.source.publish_due(self.step):
                     self.weights.publish(self.step)
-                self.after_step(screened, metrics)
+                self.after_step(screened, result)
             self.source.close()  # nothing more handed out before the state is recorded
             path = str(self.checkpoint()) if checkpoint else ""
         except (*self.fatal, EngineLost) as err:
@@ -240,15 +242,15 @@ class Controller:
         self.fleet.forget_delivered()  # the trained groups among them
         self.trained_groups += groups
 
-    def after_step(self, screened, metrics: dict[str, float]) -> None:
+    def after_step(self, screened, result: StepResult) -> None:
         """Metrics of the step, then evaluation, checkpoint and logging when they are due."""
         cfg, fleet = self.cfg.train, self.fleet
-        batch = screened.batch
+        batch, metrics = screened.batch, result.dashboard()
         if metrics.get("actor/step_skipped"):
             self.skipped_updates += 1
             log.error("step %d: the learner skipped the update: non-finite gradient (loss %s); weights unchanged",
                       self.step, metrics.get("actor/loss"))  # fmt: skip
-        metrics.update(self._apply_divergence_budget(metrics))
+        metrics.update(self._apply_divergence_budget(result.kl_by_lag))
         metrics.update(step_metrics(screened, self.screen, self.weights.version, self.step))
         metrics.update(self.buffer.metrics())
         self.rewards.append(metrics["reward/mean"])
@@ -281,14 +283,14 @@ class Controller:
             self.logger.log(metrics, self.step, {"staleness/histogram": batch.staleness})
             self.logger.log_examples("eval/samples", self.step, shown)
 
-    def _apply_divergence_budget(self, learner_metrics: dict[str, float]) -> dict[str, float]:
+    def _apply_divergence_budget(self, kl_by_lag: dict[int, float]) -> dict[str, float]:
         """Feed the step's KL by lag to the estimate and give the buffer the cap the budget allows
         (buffer.divergence), only when it changed: one call to the buffer actor per change, not
         per step. With no budget, nothing: the version cap alone holds."""
         budget = self.cfg.buffer.divergence_budget
         if self.divergence is None or budget is None:
             return {}
-        self.divergence.observe(kl_by_lag(learner_metrics))
+        self.divergence.observe(kl_by_lag)
         cap = self.divergence.cap(budget, self.cfg.buffer.max_staleness, last=self._cap_sent)
         if cap != self._cap_sent:
             self.buffer.set_staleness_cap(cap)
@@ -313,8 +315,34 @@ class Controller:
         self.eval_examples = examples(result.trajectories, self.tokenizer, shown) if self.tokenizer is not None else []
         return {"eval/reward": scored.mean_reward, "eval/accuracy": scored.accuracy}
 
+    # -- checkpoint and resume (run_state: where and in which order) ------------------------
+
     def checkpoint(self) -> Path:
-        return run_state.save(self)
+        state = {"step": self.step, "version": self.weights.version, "config": configtypes.to_dict(self.cfg)}
+
+        def snapshot_buffer(path: Path) -> None:
+            # with it, the prompt stream's position and the prompts to hand out again, taken together
+            state.update(self.fleet.resume_point(lambda: self.buffer.snapshot_seen_groups(path)))
+
+        return run_state.save(self.learner, self.checkpoint_root, self.step, self.weights.version,
+                              self.cfg.train.keep_checkpoints, snapshot_buffer, lambda: state)  # fmt: skip
+
+    def restore(self, found: Path) -> None:
+        """Continue from checkpoint `found`: the learner's ranks, the step, the prompt stream, the
+        prompts to hand out again; then the engines get the restored weights. The buffer was
+        created from the checkpoint's snapshot already."""
+        state = run_state.load(self.learner, found)
+        self.step = state["step"]
+        position = PromptStreamState(**state["prompts"])
+        self.prompts = PromptStream(self.task.samples("train"), self.cfg.task.seed, position)
+        self.fleet.prompts = self.prompts
+        requeue = [(gid, self.prompts.by_id[sid]) for gid, sid in state.get("requeue", [])]
+        self.prompts.requeue(requeue)
+        # the snapshot's admission count still holds the in-flight ones: they are admitted again
+        self.buffer.abandon(len(requeue) - state.get("requeue_abandoned", 0))
+        self.weights.publish(self.step)  # the engines started from the base model: give them the restored weights
+        log.info("resumed from %s: step %d, %d group(s) in the buffer snapshot, %d in-flight prompt(s) requeued",
+                 found, self.step, self.buffer.metrics().get("buffer/ready_groups", 0), len(requeue))  # fmt: skip
 
     # -- the end --------------------------------------------------------------------------
 
