@@ -1,1 +1,1 @@
-"""Learner: DeepSpeed training, weight broadcast and checkpoints (see issue: learner)."""
+"""The learner: DeepSpeed ranks as Ray actors, the objectives, checkpoints (docs/learner.md)."""

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from learner.batching import TrainBatch
-from learner.checkpoint_deepspeed import WeightsOnlyCheckpointEngine, load_rng, save_rng
-from learner.checkpoint_reader import DEEPSPEED_TAG, CheckpointError
+from learner.checkpoint.deepspeed_state import WeightsOnlyCheckpointEngine, load_rng, save_rng
+from learner.checkpoint.reader import DEEPSPEED_TAG, CheckpointError
 from learner.config import LearnerConfig
 from learner.deepspeed_config import deepspeed_config
 from learner.divergence_metrics import LagKL

@@ -19,7 +19,7 @@ from pathlib import Path
 from buffer.replay import Batch, ReplayBuffer
 from buffer.trajectory import Trajectory
 from learner import checkpoint
-from learner.checkpoint_reader import DEEPSPEED_TAG
+from learner.checkpoint.reader import DEEPSPEED_TAG
 from learner.step_result import StepResult
 from rollout.records import PromptItem, RolloutResult
 from vespo.config import run_config

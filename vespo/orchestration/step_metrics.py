@@ -1,8 +1,9 @@
 """What one step trains on and what it reports.
 
-`trainable` drops the samples no loss should see (a failed reward, a non-finite log-prob: one
-NaN would make the whole step NaN) and says why; `StepReport` turns a trained batch into the
-dashboard's per-step metrics (reward/*, response/*, staleness/*, version/*, faults/*).
+`Screen` (through `finite_only`) drops the samples no loss should see (a failed reward, a
+non-finite log-prob: one NaN would make the whole step NaN) and says why; `step_metrics` turns
+a trained batch into the dashboard's per-step metrics (reward/*, response/*, staleness/*,
+version/*, faults/*).
 """
 
 from __future__ import annotations

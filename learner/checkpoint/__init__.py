@@ -14,17 +14,16 @@ step_00000042.r1, .r2, ...: a name is never reused while its old contents exist,
 checkpoint stays whole until the new one is sealed and `latest` names it. Checkpoints are
 ordered by (step, revision).
 
-The rules live in three modules: learner.checkpoint_writer (staging, sealing, pruning, and
-the crash-safe order of it all), learner.checkpoint_reader (names, the pointer, the manifest
-and its verification) and learner.checkpoint_deepspeed (DeepSpeed's safe load and the RNG
-state). This module is the face of the first two, standard library only: `vespo eval`,
-`vespo train --resume` and the crash tests read checkpoints without importing torch or
-DeepSpeed.
+One module per job: `writer` (staging, sealing, pruning, and the crash-safe order of it all),
+`reader` (names, the pointer, the manifest and its verification) and `deepspeed_state`
+(DeepSpeed's safe load and the RNG state, the only one that imports torch). This face
+re-exports the first two, standard library only: `vespo eval`, `vespo train --resume` and the
+crash tests read checkpoints without importing torch or DeepSpeed.
 """
 
 from __future__ import annotations
 
-from learner.checkpoint_reader import (
+from learner.checkpoint.reader import (
     LATEST,
     CheckpointError,
     CheckpointMeta,
@@ -36,7 +35,7 @@ from learner.checkpoint_reader import (
     read_meta,
     validate,
 )
-from learner.checkpoint_writer import finalize, prepare_staging, prune, write_atomic
+from learner.checkpoint.writer import finalize, prepare_staging, prune, write_atomic
 
 __all__ = [
     "LATEST",

@@ -27,7 +27,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from learner.checkpoint_reader import (
+from learner.checkpoint.reader import (
     FORMAT,
     LATEST,
     META,
