@@ -1,9 +1,16 @@
 """Ray's errors in the loop's terms (vespo.orchestration.ray_components): the fault tests on fakes raise
 EngineDown and EngineLost directly, so the translation from what Ray raises is checked here,
-on Ray's own exception classes (no cluster needed)."""
+on Ray's own exception classes (no cluster needed). Also how a single-machine run starts its
+local Ray: on loopback, in a session of its own, with a private token."""
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import stat
+import time
+
+import psutil
 import pytest
 import ray.exceptions as rex
 
@@ -56,3 +63,78 @@ def test_a_pending_engine_call_raises_the_loops_terms_and_keeps_the_cause(monkey
     # a learner call (engine=False) is not an engine's death: Ray's error reaches the controller as is
     with pytest.raises(rex.ActorDiedError):
         failing(monkeypatch, rex.ActorDiedError(), engine=False).result()
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def _listening(processes) -> set[tuple[int, str, str, int]]:
+    """(pid, name, address, port) of every socket these processes listen on."""
+    found = set()
+    for p in processes:
+        try:
+            found |= {(p.pid, p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections("inet")
+                      if c.status == psutil.CONN_LISTEN}  # fmt: skip
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_a_local_run_starts_ray_on_loopback_in_a_session_of_its_own(tmp_path, monkeypatch):
+    """What a single-machine run starts (init_ray, no address): no Ray process listens beyond
+    loopback (GCS, raylet, workers, agents, Prometheus metrics), none is in the driver's
+    process group (a signal to that group reaches the driver only), the token Ray needs is
+    readable by its owner only, and ray.shutdown ends them all."""
+    import ray
+
+    from vespo import run_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # a fresh ~/.ray: this run makes the token
+    if ray.is_initialized():
+        ray.shutdown()
+    ray_components.init_ray(run_config.load(None, []))
+    try:
+        assert ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()) == "127.0.0.1"
+        # the agents open their servers after the node is up: wait until nothing new opens
+        family, seen, still = [], set(), 0
+        deadline = time.monotonic() + 60
+        while still < 4 and time.monotonic() < deadline:
+            time.sleep(1)
+            family = psutil.Process().children(recursive=True)
+            now = _listening(family)
+            still, seen = (still + 1, seen) if now <= seen and len(seen) > 3 else (0, seen | now)
+        names = {name for _, name, _, _ in seen}
+        assert {"gcs_server", "raylet"} <= names and any("DashboardAgent" in n for n in names), seen
+        exposed = sorted(s for s in seen if not _is_loopback(s[2]))
+        assert not exposed, f"Ray listens beyond loopback: {exposed}"
+        shared = [(p.pid, p.name()) for p in family if p.is_running() and os.getpgid(p.pid) == os.getpgrp()]
+        assert not shared, f"Ray processes in the driver's process group: {shared}"
+        token = tmp_path / ".ray" / "auth_token"
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
+    finally:
+        ray.shutdown()
+    time.sleep(2)
+    alive = [(p.pid, p.name()) for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"Ray processes left after ray.shutdown: {alive}"
+
+
+def test_an_existing_ray_token_is_made_private_and_a_users_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("a" * 64)
+    token.chmod(0o644)  # as Ray writes it
+    ray_components.private_ray_token()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == "a" * 64
+    token.chmod(0o644)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))  # the user's own choice: not ours to change
+    ray_components.private_ray_token()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o644

@@ -1,5 +1,6 @@
-"""Faults on the driver side: SIGTERM mid-run stops cleanly (checkpoint written, every process
-of the run gone, a message saying how to resume), and `vespo train --resume` continues that
+"""Faults on the driver side: SIGTERM mid-run, sent to the driver's whole process group as
+`timeout`, `kill -- -PGID` and batch schedulers do, stops cleanly (checkpoint written, every
+process of the run gone, a message saying how to resume), and `vespo train --resume` continues that
 run exactly where it stopped: step, policy version, buffer, prompts in flight."""
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ except Exception as err:
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A real async run: foreign processes try to join its weight group while it trains; at
-    step 3 it gets SIGTERM. Yields (output dir, its whole output, what the joiners printed)."""
+    step 3 its process group gets SIGTERM (the driver leads a group of its own, as under
+    `timeout` or a shell's job control; Ray's processes must not be in it). Yields (output dir,
+    its whole output, what the joiners printed)."""
     out = tmp_path_factory.mktemp("stopped") / "run"
     driver = subprocess.Popen(
         [sys.executable, "-m", "vespo", "train", "train.steps=5000", *OVERRIDES, f"train.output_dir={out}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200"}, start_new_session=True,
     )  # fmt: skip
     lines: list[str] = []
     joiners: list[str] = []
@@ -81,7 +84,7 @@ def stopped_run(tmp_path_factory):
         assert time.monotonic() < deadline and driver.poll() is None, "".join(lines[-50:])
     family = psutil.Process(driver.pid).children(recursive=True)  # Ray, the engine, the learner, ...
     assert family, "the run started no processes?"
-    driver.send_signal(signal.SIGTERM)
+    os.killpg(driver.pid, signal.SIGTERM)  # the whole group, not just the driver
     rest, _ = driver.communicate(timeout=180)
     time.sleep(2)
     alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
@@ -94,6 +97,7 @@ def test_sigterm_checkpoints_and_stops_every_process(stopped_run):
     assert "SIGTERM: finishing the current step" in text and "stopped by SIGTERM" in text
     assert f"resume with: vespo train --resume {out}/checkpoints/step_" in text
     assert not alive, f"orphans after SIGTERM: {[(p.pid, p.name()) for p in alive]}"
+    assert latest(out / "checkpoints").name in text  # the checkpoint the resume line names, sealed
 
 
 def test_a_foreign_process_cannot_join_the_weight_group_of_a_running_job(stopped_run):
@@ -106,6 +110,21 @@ def test_a_foreign_process_cannot_join_the_weight_group_of_a_running_job(stopped
     assert len(said) >= 3, text[-3000:]  # the run says so, naming each address
     steps = [int(line.split()[1].split("/")[0]) for line in text.splitlines() if line.startswith("step ")]
     assert max(steps) >= 3  # and trained on
+
+
+def test_overwrite_removes_what_the_run_wrote_and_keeps_the_users_files(stopped_run, tmp_path):
+    """run_dir.OWNED names everything a real run writes into checkpoints/ and wandb/: --overwrite
+    removes all of it, and a user's own files there stay."""
+    from vespo import run_dir
+
+    copy = tmp_path / "copy"
+    shutil.copytree(stopped_run[0], copy, symlinks=True)
+    assert list((copy / "wandb").glob("offline-run-*")) and list((copy / "checkpoints").glob("step_*"))
+    for folder in ("checkpoints", "wandb"):
+        (copy / folder / "notes.txt").write_text("mine")
+    run_dir.claim(copy, overwrite=True)
+    for folder in ("checkpoints", "wandb"):
+        assert os.listdir(copy / folder) == ["notes.txt"] and (copy / folder / "notes.txt").read_text() == "mine"
 
 
 def _snapshot(path: Path) -> dict[str, tuple[int, int]]:

@@ -12,10 +12,16 @@ from vespo.orchestration import run_dir
 
 
 def used(tmp_path):
+    """A folder as a run leaves it (a sealed checkpoint, its pointer, a wandb run), plus a user's file."""
     out = tmp_path / "run"
     run_dir.claim(out)
-    (out / "checkpoints" / "step_00000004").mkdir(parents=True)
-    (out / "wandb").mkdir()
+    step = out / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text("{}")
+    (out / "checkpoints" / "latest").write_text(step.name)
+    (out / "wandb" / "offline-run-20260101_120000-abcd1234" / "logs").mkdir(parents=True)
+    (out / "wandb" / "latest-run").symlink_to("offline-run-20260101_120000-abcd1234")
+    (out / "wandb" / "debug.log").symlink_to("offline-run-20260101_120000-abcd1234/logs/debug.log")
     (out / "notes.txt").write_text("mine")
     return out
 
@@ -41,6 +47,21 @@ def test_overwrite_removes_only_what_a_run_writes(tmp_path):
     run_dir.claim(out, overwrite=True)
     assert not (out / "checkpoints").exists() and not (out / "wandb").exists()
     assert (out / "notes.txt").read_text() == "mine" and (out / run_dir.MARKER).exists()
+
+
+def test_overwrite_keeps_the_users_files_in_checkpoints_and_wandb(tmp_path):
+    out = used(tmp_path)
+    staged = out / "checkpoints" / "step_00000005.tmp"  # a write that crashed: the writer's own
+    staged.mkdir()
+    mine = [out / "checkpoints" / "README.txt", out / "wandb" / "settings", out / "checkpoints" / "best" / "w.bin"]
+    unsealed = out / "checkpoints" / "step_00000002"  # a checkpoint's name, but no manifest: not known as ours
+    for path in [*mine, unsealed / "model.bin"]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    run_dir.claim(out, overwrite=True)
+    assert all(path.read_text() == "mine" for path in [*mine, unsealed / "model.bin"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["README.txt", "best", "step_00000002"]
+    assert [p.name for p in (out / "wandb").iterdir()] == ["settings"]
 
 
 def test_resuming_keeps_everything_and_records_the_resume(tmp_path):

@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
 from pathlib import Path
 
 from learner.checkpoint import write_atomic
+from learner.checkpoint_reader import META, parse_name
 
 MARKER = "vespo-run.json"
-OWNED = ("checkpoints", "wandb", MARKER)  # what --overwrite removes: only what a run writes
+# What --overwrite removes: only what a run wrote, by name. In checkpoints/, a checkpoint is a
+# step_... directory sealed by its manifest (meta.json); the pointer, and staged or half-removed
+# checkpoints, are the writer's own names. In wandb/, wandb's run directories, its latest-run
+# link and its debug logs. Anything else there (a user's notes, a copied model) stays.
+OWNED = {
+    "checkpoints": re.compile(r"latest(?:\.writing)?|step_\d{8}(?:\.r[1-9]\d*)?(?:\.tmp|\.deleting)"),
+    "wandb": re.compile(r"(?:offline-)?run-\d{8}_\d{6}-.+|latest-run|debug(?:-internal|-cli\..+)?\.log"),
+}
 
 
 class RunDirError(ValueError):
@@ -58,16 +67,11 @@ def check(output: Path, overwrite: bool = False, resuming: bool = False) -> None
 
 def claim(output: Path, overwrite: bool = False, resuming: bool = False) -> None:
     """Take `output` for this run (check first). Resuming continues the run that is there (the
-    marker records the resume); `overwrite` removes the old run's checkpoints, wandb files and
-    marker, nothing else in the folder."""
+    marker records the resume); `overwrite` removes the old run's checkpoints, wandb runs and
+    marker (see OWNED), nothing else in the folder."""
     check(output, overwrite, resuming)
     if describe(output) and overwrite and not resuming:
-        for name in OWNED:
-            path = output / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+        remove_run(output)
     output.mkdir(parents=True, exist_ok=True)
     record = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(), "host": socket.gethostname()}
     marker = output / MARKER
@@ -80,6 +84,27 @@ def claim(output: Path, overwrite: bool = False, resuming: bool = False) -> None
         history.append(record)
         record = {**record, "resumes": history}
     write_atomic(marker, json.dumps(record, indent=1))
+
+
+def remove_run(output: Path) -> None:
+    """Remove what a run wrote into `output` (OWNED), and checkpoints/ and wandb/ themselves
+    if nothing else is left in them. A symlinked checkpoints/ (say, to a larger disk) is
+    cleared the same way and kept; a symlink inside is removed, never followed."""
+    for folder, ours in OWNED.items():
+        top = output / folder
+        if not top.is_dir():
+            continue
+        for entry in top.iterdir():
+            sealed = parse_name(entry.name) is not None and folder == "checkpoints" and (entry / META).is_file()
+            if not (sealed or ours.fullmatch(entry.name)):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        if not top.is_symlink() and not any(top.iterdir()):
+            top.rmdir()
+    (output / MARKER).unlink(missing_ok=True)
 
 
 def release(output: Path) -> None:
