@@ -15,7 +15,7 @@ import pytest
 import ray.exceptions as rex
 
 from rollout.actor import EngineNotStarted
-from vespo.orchestration import ray_components
+from vespo.orchestration import ray_components, ray_start
 from vespo.orchestration.contracts import EngineDown, EngineLost
 from vespo.orchestration.ray_components import RayPending, _engine_error
 
@@ -90,7 +90,7 @@ def test_a_local_run_starts_ray_on_loopback_in_a_session_of_its_own(tmp_path, mo
     readable by its owner only, and ray.shutdown ends them all."""
     import ray
 
-    from vespo import run_config
+    from vespo.config import run_config
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
@@ -98,7 +98,7 @@ def test_a_local_run_starts_ray_on_loopback_in_a_session_of_its_own(tmp_path, mo
     monkeypatch.setenv("HOME", str(tmp_path))  # a fresh ~/.ray: this run makes the token
     if ray.is_initialized():
         ray.shutdown()
-    ray_components.init_ray(run_config.load(None, []))
+    ray_start.init_ray(run_config.load(None, []))
     try:
         assert ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()) == "127.0.0.1"
         # the agents open their servers after the node is up: wait until nothing new opens
@@ -132,9 +132,9 @@ def test_an_existing_ray_token_is_made_private_and_a_users_left_alone(tmp_path, 
     token.parent.mkdir()
     token.write_text("a" * 64)
     token.chmod(0o644)  # as Ray writes it
-    ray_components.private_ray_token()
+    ray_start.private_ray_token()
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == "a" * 64
     token.chmod(0o644)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))  # the user's own choice: not ours to change
-    ray_components.private_ray_token()
+    ray_start.private_ray_token()
     assert stat.S_IMODE(token.stat().st_mode) == 0o644

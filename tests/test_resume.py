@@ -115,7 +115,7 @@ def test_a_foreign_process_cannot_join_the_weight_group_of_a_running_job(stopped
 def test_overwrite_removes_what_the_run_wrote_and_keeps_the_users_files(stopped_run, tmp_path):
     """run_dir.OWNED names everything a real run writes into checkpoints/ and wandb/: --overwrite
     removes all of it, and a user's own files there stay."""
-    from vespo import run_dir
+    from vespo.orchestration import run_dir
 
     copy = tmp_path / "copy"
     shutil.copytree(stopped_run[0], copy, symlinks=True)

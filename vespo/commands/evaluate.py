@@ -63,7 +63,7 @@ def evaluate(
     from rollout.tasks.registry import make_task
     from vespo.models import resolve_model
     from vespo.orchestration.prompts import prompt_item
-    from vespo.orchestration.ray_components import init_ray
+    from vespo.orchestration.ray_start import init_ray
     from vespo.reporting.eval_score import score
     from vespo.reporting.examples import examples
 
