@@ -17,9 +17,8 @@ import socket
 import time
 from pathlib import Path
 
-from learner.checkpoint.reader import META, parse_name
-
 from learner.checkpoint import write_atomic
+from learner.checkpoint.reader import META, parse_name
 
 MARKER = "vespo-run.json"
 # What --overwrite removes: only what a run wrote, by name. In checkpoints/, a checkpoint is a
