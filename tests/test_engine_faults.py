@@ -5,6 +5,8 @@ again; the run finishes with no group lost and none trained twice."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import os
 import threading
 import time
 
@@ -22,14 +24,21 @@ OVERRIDES = [
 ]  # fmt: skip
 
 
-def engine_cores() -> set[int]:
-    """PIDs of vLLM engine-core processes on this machine (each vLLM engine runs one)."""
+def engine_cores(session: int) -> set[int]:
+    """PIDs of vLLM engine-core processes (each vLLM engine runs one) in one process session: the
+    session of this run's Ray, so engines of another run on the same machine are not counted."""
     found = set()
     for p in psutil.process_iter(["name", "cmdline"]):
         text = (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
-        if "EngineCore" in text:
-            found.add(p.pid)
+        with contextlib.suppress(OSError):
+            if "EngineCore" in text and os.getsid(p.pid) == session:
+                found.add(p.pid)
     return found
+
+
+def session_of(actor) -> int:
+    """The process session of an actor: its engine's processes (and any it leaves behind) keep it."""
+    return ray.get(actor.__ray_call__.remote(lambda _: os.getsid(0)))
 
 
 def hold_if_generating(actor, seconds: float) -> int:
@@ -73,11 +82,11 @@ def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False
     """Run cfg, killing engine 0 (by its actor id, Ray may restart it) when the learner reaches
     each of kill_at_steps (or, with inside_broadcast, in the first broadcast from the first of
     them on); returns (summary or the exception, the controller's bookkeeping)."""
-    before = engine_cores()
     controller = Controller(cfg)
-    killed = []
+    killed, session = [], None
     try:
         controller.setup()
+        session = session_of(controller.engines[0].actor)
         handed_out = record_handouts(controller)
         if inside_broadcast:
             kill_inside_broadcast(controller, kill_at_steps[0], killed)
@@ -116,7 +125,7 @@ def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False
         controller.shutdown()
         ray.shutdown()
     time.sleep(2)
-    orphans = {pid for pid in engine_cores() - before if psutil.pid_exists(pid)}
+    orphans = {pid for pid in engine_cores(session) if psutil.pid_exists(pid)} if session is not None else set()
     return outcome, book, killed, orphans
 
 

@@ -23,7 +23,7 @@ from rich.console import Console
 import configtypes
 from vespo.config import run_config
 
-ROOT = Path(__file__).resolve().parent.parent  # the project: the job's working_dir
+ROOT = Path(__file__).resolve().parents[2]  # the project: the job's working_dir
 DEFAULT_RUNTIME_ENV = ROOT / "deploy" / "runtime_env.yaml"
 
 
