@@ -25,8 +25,8 @@ OVERRIDES = [
 
 
 def engine_cores(session: int) -> set[int]:
-    """PIDs of vLLM engine-core processes (each vLLM engine runs one) in one process session: the
-    session of this run's Ray, so engines of another run on the same machine are not counted."""
+    """PIDs of vLLM engine-core processes (each vLLM engine runs one) in one process session, that
+    of this run's Ray: engines a run started from another shell on the machine are not counted."""
     found = set()
     for p in psutil.process_iter(["name", "cmdline"]):
         text = (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])

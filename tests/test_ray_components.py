@@ -1,14 +1,17 @@
 """Ray's errors in the loop's terms (vespo.orchestration.ray_components): the fault tests on fakes raise
 EngineDown and EngineLost directly, so the translation from what Ray raises is checked here,
 on Ray's own exception classes (no cluster needed). Also how a single-machine run starts its
-local Ray: on loopback, in a session of its own, with a private token."""
+local Ray: on loopback, in a process group of its own, with a private token."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import stat
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -18,6 +21,8 @@ from rollout.actor import EngineNotStarted
 from vespo.orchestration import ray_components, ray_start
 from vespo.orchestration.contracts import EngineDown, EngineLost
 from vespo.orchestration.ray_components import RayPending, _engine_error
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def failing(monkeypatch, err: BaseException, engine: bool = True) -> RayPending:
@@ -83,42 +88,51 @@ def _listening(processes) -> set[tuple[int, str, str, int]]:
     return found
 
 
-def test_a_local_run_starts_ray_on_loopback_in_a_session_of_its_own(tmp_path, monkeypatch):
+# Ray keeps the token it read for the life of a process: a Ray started here under another HOME
+# would leave this pytest process unable to reach any later Ray. The run starts in a process of its own.
+LOCAL_RAY = """
+import sys, ray
+from vespo.config import run_config
+from vespo.orchestration import ray_start
+ray_start.init_ray(run_config.load(None, []))
+print(ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()), flush=True)
+sys.stdin.readline()  # Ray stays up while the test looks at it
+ray.shutdown()
+"""
+
+
+def test_a_local_run_starts_ray_on_loopback_in_a_process_group_of_its_own(tmp_path):
     """What a single-machine run starts (init_ray, no address): no Ray process listens beyond
     loopback (GCS, raylet, workers, agents, Prometheus metrics), none is in the driver's
     process group (a signal to that group reaches the driver only), the token Ray needs is
     readable by its owner only, and ray.shutdown ends them all."""
-    import ray
-
-    from vespo.config import run_config
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # a fresh ~/.ray: this run makes the token
-    if ray.is_initialized():
-        ray.shutdown()
-    ray_start.init_ray(run_config.load(None, []))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                                                             "RAY_AUTH_TOKEN_PATH")}  # fmt: skip
+    env["HOME"] = str(tmp_path)  # a fresh ~/.ray: this run makes the token
+    driver = subprocess.Popen([sys.executable, "-c", LOCAL_RAY], cwd=ROOT, env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    family: list[psutil.Process] = []
     try:
-        assert ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()) == "127.0.0.1"
+        assert driver.stdout.readline().strip() == "127.0.0.1"  # type: ignore[union-attr]
         # the agents open their servers after the node is up: wait until nothing new opens
-        family, seen, still = [], set(), 0
+        seen, still = set(), 0
         deadline = time.monotonic() + 60
         while still < 4 and time.monotonic() < deadline:
             time.sleep(1)
-            family = psutil.Process().children(recursive=True)
+            family = psutil.Process(driver.pid).children(recursive=True)
             now = _listening(family)
             still, seen = (still + 1, seen) if now <= seen and len(seen) > 3 else (0, seen | now)
         names = {name for _, name, _, _ in seen}
         assert {"gcs_server", "raylet"} <= names and any("DashboardAgent" in n for n in names), seen
         exposed = sorted(s for s in seen if not _is_loopback(s[2]))
         assert not exposed, f"Ray listens beyond loopback: {exposed}"
-        shared = [(p.pid, p.name()) for p in family if p.is_running() and os.getpgid(p.pid) == os.getpgrp()]
+        group = os.getpgid(driver.pid)
+        shared = [(p.pid, p.name()) for p in family if p.is_running() and os.getpgid(p.pid) == group]
         assert not shared, f"Ray processes in the driver's process group: {shared}"
         token = tmp_path / ".ray" / "auth_token"
         assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
     finally:
-        ray.shutdown()
+        driver.communicate("\n", timeout=120)
     time.sleep(2)
     alive = [(p.pid, p.name()) for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"Ray processes left after ray.shutdown: {alive}"

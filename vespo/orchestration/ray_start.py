@@ -1,7 +1,7 @@
 """Starting Ray for a run, or joining the cluster it names, and checking the run fits it.
 
 A run with `train.ray_address` (or RAY_ADDRESS) joins that cluster. Otherwise it starts a
-local Ray of its own, on loopback and in a session of its own, with a private token (see
+local Ray of its own, on loopback and in a process group of its own, with a private token (see
 `_local_head` and `private_ray_token` for why each).
 """
 
@@ -44,23 +44,26 @@ def _local_head():
       metrics) to the node's address, and `ray.init` turns a given 127.0.0.1 into the machine's
       external address unless its single-machine mode is on (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
       read as ray_constants.ENABLE_RAY_CLUSTER); with it, the node's address is 127.0.0.1;
-    - in a session of their own: otherwise Ray's processes share the driver's process group,
-      and a signal to that group (SIGTERM from `timeout`, `kill -- -PGID`, a batch scheduler) kills
+    - in a process group of their own: otherwise Ray's processes share the driver's, and a
+      signal to that group (SIGTERM from `timeout`, `kill -- -PGID`, a batch scheduler) kills
       the GCS and raylet while the driver is finishing its step (Ray blocks only SIGINT in
       them). Now the driver alone gets it, finishes the step and checkpoints with every actor
-      alive. The processes still end with the run:
-      `ray.shutdown` stops them, and the kernel does if the driver dies (Ray's fate sharing,
-      PR_SET_PDEATHSIG), which is why the session is only changed where that is available."""
+      alive. They stay in the driver's session: Linux schedules each session as one group
+      (autogroup), and a session of their own would give the driver, pinned beside the engine,
+      half of the engine's core (the embedded run went 4x slower). The processes still end
+      with the run: `ray.shutdown` stops them, and the kernel does if the driver dies (Ray's
+      fate sharing, PR_SET_PDEATHSIG), which is why the group is only changed where that is
+      available."""
     from ray._private import ray_constants, services, utils
 
     popen, cluster = services.ConsolePopen, ray_constants.ENABLE_RAY_CLUSTER
 
-    class OwnSession(popen):
+    class OwnProcessGroup(popen):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "start_new_session": True})
+            super().__init__(*args, **{**kwargs, "process_group": 0})
 
     if utils.detect_fate_sharing_support():
-        services.ConsolePopen = OwnSession
+        services.ConsolePopen = OwnProcessGroup
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
