@@ -24,8 +24,8 @@ from learner.advantages import advantages
 from learner.batching import TrainBatch, collate
 from learner.config import LearnerConfig
 from learner.process_group import host_store
-from learner.sharding import batch_totals, merge_metrics, shard, shard_rows
-from learner.step_result import StepResult, merge_results
+from learner.sharding import batch_totals, merge_results, shard, shard_rows
+from learner.step_result import StepResult
 from learner.worker import LearnerWorker
 from runtime.cores import held_cores, pin_process
 
@@ -154,7 +154,7 @@ class LearnerGroup:
         totals = batch_totals(batch)
         shards = shard(batch, self.cfg.world_size)
         calls = [getattr(w, method).remote(s, totals) for w, s in zip(self.workers, shards, strict=True)]
-        return merge_results(ray.get(calls), merge_metrics)
+        return merge_results(ray.get(calls))
 
     def full_state_dict(self) -> dict:
         """Full weights from rank 0 (every rank takes part in the gather under ZeRO-3). The whole

@@ -1,4 +1,4 @@
-"""A batch split over data-parallel ranks, and the ranks' metrics merged back into one.
+"""A batch split over data-parallel ranks, and the ranks' step results merged back into one.
 
 Rows are dealt round-robin in length order, so ranks get similar token counts and finish a
 step together. Every rank is told the batch's global counts (batch_totals), so the loss
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from learner.batching import TrainBatch
+from learner.step_result import StepResult
 
 
 def batch_totals(batch: TrainBatch) -> dict[str, float]:
@@ -46,6 +47,21 @@ def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, float]:
     ranks report is merged over those ranks alone."""
     keys = set().union(*per_rank)
     return {k: float(_merge_rule(k)([m[k] for m in per_rank if k in m])) for k in sorted(keys)}
+
+
+def merge_results(per_rank: list[StepResult]) -> StepResult:
+    """Ranks' step results as one: metrics as merge_metrics does, the KL of each lag weighted by
+    the tokens each rank measured it on (a rank whose shard has no token of lag L says nothing
+    about L)."""
+    sums: dict[int, float] = {}
+    tokens: dict[int, float] = {}
+    for result in per_rank:
+        for lag, kl in result.kl_by_lag.items():
+            n = result.tokens_by_lag.get(lag, 1.0)
+            sums[lag] = sums.get(lag, 0.0) + kl * n
+            tokens[lag] = tokens.get(lag, 0.0) + n
+    kl_by_lag = {lag: sums[lag] / tokens[lag] for lag in sorted(sums) if tokens[lag] > 0}
+    return StepResult(merge_metrics([r.metrics for r in per_rank]), kl_by_lag, {lag: tokens[lag] for lag in kl_by_lag})
 
 
 def _merge_rule(key: str) -> Callable:

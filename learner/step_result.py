@@ -24,17 +24,3 @@ class StepResult:
     def dashboard(self) -> dict[str, float]:
         """The metrics with the KL by lag under its display names."""
         return {**self.metrics, **{kl_metric(lag): kl for lag, kl in sorted(self.kl_by_lag.items())}}
-
-
-def merge_results(per_rank: list[StepResult], merge_metrics) -> StepResult:
-    """Ranks' results as one: metrics by `merge_metrics`, the KL of each lag weighted by the tokens
-    each rank measured it on (a rank whose shard has no token of lag L says nothing about L)."""
-    sums: dict[int, float] = {}
-    tokens: dict[int, float] = {}
-    for result in per_rank:
-        for lag, kl in result.kl_by_lag.items():
-            n = result.tokens_by_lag.get(lag, 1.0)
-            sums[lag] = sums.get(lag, 0.0) + kl * n
-            tokens[lag] = tokens.get(lag, 0.0) + n
-    kl_by_lag = {lag: sums[lag] / tokens[lag] for lag in sorted(sums) if tokens[lag] > 0}
-    return StepResult(merge_metrics([r.metrics for r in per_rank]), kl_by_lag, {lag: tokens[lag] for lag in kl_by_lag})

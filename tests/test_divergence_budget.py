@@ -21,7 +21,8 @@ from buffer.divergence import DivergenceEstimate
 from buffer.replay import SNAPSHOT_FILE
 from configtypes import ConfigError
 from learner.divergence_metrics import LagKL, k3_kl
-from learner.step_result import StepResult, merge_results
+from learner.sharding import merge_results
+from learner.step_result import StepResult
 from vespo.config import run_config
 
 # -- the estimate -------------------------------------------------------------------------------
@@ -112,11 +113,9 @@ def test_reset_forgets_everything():
 
 
 def test_ranks_merge_kl_by_lag_weighted_by_their_tokens():
-    from learner.sharding import merge_metrics
-
     ranks = [StepResult({"actor/loss": 1.0}, {0: 0.01, 2: 0.5}, {0: 30.0, 2: 10.0}),
              StepResult({"actor/loss": 2.0}, {0: 0.03}, {0: 10.0})]  # fmt: skip
-    merged = merge_results(ranks, merge_metrics)
+    merged = merge_results(ranks)
     assert merged.metrics == {"actor/loss": 3.0}
     assert merged.kl_by_lag == pytest.approx({0: 0.015, 2: 0.5}) and merged.tokens_by_lag == {0: 40.0, 2: 10.0}
     assert merged.dashboard() == pytest.approx({"actor/loss": 3.0, "divergence/kl_lag0": 0.015,
