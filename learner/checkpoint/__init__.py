@@ -35,7 +35,7 @@ from learner.checkpoint.reader import (
     read_meta,
     validate,
 )
-from learner.checkpoint.writer import finalize, prepare_staging, prune, write_atomic
+from learner.checkpoint.writer import finalize, prepare_staging, prune, write_atomic, written_here
 
 __all__ = [
     "LATEST",
@@ -52,4 +52,5 @@ __all__ = [
     "read_meta",
     "validate",
     "write_atomic",
+    "written_here",
 ]

@@ -103,6 +103,16 @@ def finalize(root: str | Path, meta: CheckpointMeta, keep: int = 0) -> Path:
     return final
 
 
+def written_here(entry: Path) -> bool:
+    """Whether an entry of a checkpoints root is this writer's: a sealed checkpoint (a final name
+    holding its manifest), the pointer or its staging file, or what a crashed write or removal
+    left. Anything else there was put by someone else (`--overwrite` leaves it)."""
+    name = entry.name
+    if name in (LATEST, LATEST + _WRITING_SUFFIX) or _GARBAGE.fullmatch(name):
+        return True
+    return parse_name(name) is not None and (entry / META).is_file()
+
+
 def prune(root: str | Path, keep: int) -> list[Path]:
     """Remove stale *.tmp / *.deleting directories and, with keep > 0, every complete
     checkpoint but the newest `keep` by (step, revision) and the one `latest` names. A

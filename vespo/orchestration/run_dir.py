@@ -17,18 +17,15 @@ import socket
 import time
 from pathlib import Path
 
-from learner.checkpoint import write_atomic
-from learner.checkpoint.reader import META, parse_name
+from learner.checkpoint import write_atomic, written_here
 
 MARKER = "vespo-run.json"
-# What --overwrite removes: only what a run wrote, by name. In checkpoints/, a checkpoint is a
-# step_... directory sealed by its manifest (meta.json); the pointer, and staged or half-removed
-# checkpoints, are the writer's own names. In wandb/, wandb's run directories, its latest-run
-# link and its debug logs. Anything else there (a user's notes, a copied model) stays.
-OWNED = {
-    "checkpoints": re.compile(r"latest(?:\.writing)?|step_\d{8}(?:\.r[1-9]\d*)?(?:\.tmp|\.deleting)"),
-    "wandb": re.compile(r"(?:offline-)?run-\d{8}_\d{6}-.+|latest-run|debug(?:-internal|-cli\..+)?\.log"),
-}
+# What --overwrite removes: only what a run wrote. In checkpoints/, what the checkpoint writer
+# says is its own (sealed checkpoints, the pointer, leftovers of a crash); in wandb/, wandb's run
+# directories, its latest-run link and its debug logs. Anything else there (a user's notes, a
+# copied model) stays.
+WANDB_OWNED = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-.+|latest-run|debug(?:-internal|-cli\..+)?\.log")
+OWNED = {"checkpoints": written_here, "wandb": lambda entry: WANDB_OWNED.fullmatch(entry.name) is not None}
 
 
 class RunDirError(ValueError):
@@ -95,8 +92,7 @@ def remove_run(output: Path) -> None:
         if not top.is_dir():
             continue
         for entry in top.iterdir():
-            sealed = parse_name(entry.name) is not None and folder == "checkpoints" and (entry / META).is_file()
-            if not (sealed or ours.fullmatch(entry.name)):
+            if not ours(entry):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
