@@ -8,8 +8,9 @@
 Everything else lives in a component with one job: `fleet` (engines: feeding, failures,
 restarts, requeue), `sources` (async, or sync with ratio N: when prompts are handed out),
 `weight_publisher` (who joins the weight group, when weights go out), `step_metrics` (what
-trains, what is shown), `run_state` (checkpoint and resume). `setup` builds the real ones on Ray; `assemble` takes any
-that honour vespo.orchestration.contracts, which is how tests run this loop with in-process fakes.
+trains, what is shown), `run_state` (where checkpoints keep the loop's state). `setup` builds
+the real ones on Ray; `assemble` takes any that honour vespo.orchestration.contracts, which is
+how tests run this loop with in-process fakes.
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ class Controller:
             state.update(self.fleet.resume_point(lambda: self.buffer.snapshot_seen_groups(path)))
 
         return run_state.save(self.learner, self.checkpoint_root, self.step, self.weights.version,
-                              self.cfg.train.keep_checkpoints, snapshot_buffer, lambda: state)  # fmt: skip
+                              self.cfg.train.keep_checkpoints, snapshot_buffer, state)  # fmt: skip
 
     def restore(self, found: Path) -> None:
         """Continue from checkpoint `found`: the learner's ranks, the step, the prompt stream, the

@@ -21,13 +21,13 @@ STATE_FILE = Path("controller") / "state.json"
 
 
 def save(learner, root: Path, step: int, version: int, keep: int, snapshot_buffer: Callable[[Path], None],
-         state: Callable[[], dict[str, Any]]) -> Path:  # fmt: skip
+         state: dict[str, Any]) -> Path:  # fmt: skip
     """Seal one checkpoint under `root`: the learner's ranks, then `snapshot_buffer(path)`, then
-    the controller's `state()` (called after the snapshot, which it may depend on)."""
+    the controller's `state`, written after the snapshot (which may add to it)."""
 
     def write_state(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        (path / STATE_FILE.name).write_text(json.dumps(state(), indent=1))
+        (path / STATE_FILE.name).write_text(json.dumps(state, indent=1))
 
     extra = {"buffer": snapshot_buffer, "controller": write_state}  # in this order
     return learner.save_checkpoint(root, step, version, extra, keep)
