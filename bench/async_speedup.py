@@ -1,6 +1,7 @@
 """Sync vs async on the same workload, with the response lengths of reasoning RL.
 
     python -m bench.async_speedup [--model tiny|smollm2-135m] [--steps 12] [--groups 8] [--n 8]
+    python -m bench.async_speedup --config deploy/configs/agent_products.yaml  # episodes, as the model plays them
 
 Reasoning rollouts are long-tailed: most responses are short, a few run to the cap, and a
 synchronous step waits for the longest one while the learner idles. This bench imposes such a
@@ -21,6 +22,8 @@ All of them are steady-state: measured from the end of step `--warmup` (default 
 step, because the first steps pay one-off costs that a long run does not (the learner's first
 forward and backward compile kernels, vLLM meets its first batch shapes), in both modes alike.
 The whole-loop figures are printed too.
+`--config` runs a run config's own workload instead (multi-turn episodes, say), with nothing
+imposed: lengths, turns and tool calls are whatever the model and the environment make them.
 Engines and learner ranks get their own cores (train.pin_cores); `--no-pin` lets
 them share every core, to show what pinning buys.
 """
@@ -65,6 +68,13 @@ def prompts_file(out: str, chars: int) -> str:
 
 
 def overrides(mode: str, args, out: str) -> list[str]:
+    if args.config:  # the config's workload as it is; only the mode and the measurement's settings
+        return [
+            f"train.mode={mode}", f"train.steps={args.steps}", f"train.groups_per_step={args.groups}",
+            f"rollout.n={args.n}", "train.eval_every=0", f"buffer.max_staleness={args.max_staleness}",
+            f"train.max_inflight_groups={args.inflight}", f"train.output_dir={out}/{mode}", "wandb.mode=disabled",
+            f"train.pin_cores={str(not args.no_pin).lower()}", *args.set, *(args.async_set if mode == "async" else []),
+        ]  # fmt: skip
     prompt_room = 64 + args.prompt_chars if args.model == "tiny" else 256
     keys = [
         f"model={args.model}", f"train.mode={mode}", f"train.steps={args.steps}",
@@ -85,6 +95,7 @@ def overrides(mode: str, args, out: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", choices=sorted(DEFAULTS))
+    parser.add_argument("--config", help="a run config whose own workload to time (--model and lengths ignored)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--groups", type=int)
     parser.add_argument("--n", type=int)
@@ -101,6 +112,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the steady-state figures")
     parser.add_argument("--rounds", type=int, default=3, help="sync/async pairs, alternating on the same actors")
     args = parser.parse_args()
+    if args.config:
+        base = run_config.load(args.config)
+        args.groups, args.n = args.groups or base.train.groups_per_step, args.n or base.rollout.n
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -109,10 +123,13 @@ def main() -> None:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
-    print(f"workload: {args.model}, {args.steps} steps of {args.groups} prompts x {args.n}; response lengths "
-          f"imposed (min_tokens = max_tokens): log-normal, median {args.median_tokens}, sigma {args.sigma}, cap "
-          f"{args.max_new_tokens}; prompts: a {args.prompt_chars}-character preamble + the problem",
-          flush=True)  # fmt: skip
+    if args.config:
+        print(f"workload: {args.config} as configured, {args.steps} steps of {args.groups} prompts x {args.n}")
+    else:
+        print(f"workload: {args.model}, {args.steps} steps of {args.groups} prompts x {args.n}; response lengths "
+              f"imposed (min_tokens = max_tokens): log-normal, median {args.median_tokens}, sigma {args.sigma}, cap "
+              f"{args.max_new_tokens}; prompts: a {args.prompt_chars}-character preamble + the problem",
+              flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
         results = alternate(args, out)
     report(results, args.warmup)
@@ -132,7 +149,7 @@ def alternate(args, out: str) -> dict[str, list]:
     try:
         for r in range(args.rounds):
             for mode in ("sync", "async"):
-                cfg = run_config.load(None, overrides(mode, args, out))
+                cfg = run_config.load(args.config, overrides(mode, args, out))
                 logger = RunLogger(cfg.wandb, configtypes.to_dict(cfg), console, total_steps=cfg.train.steps)
                 if controller is None:
                     controller = Controller(cfg, logger)

@@ -1,6 +1,9 @@
 """The trajectory record: what a rollout engine produces and the learner trains on.
 
-One record is one sampled response to one prompt. Versions are per token because partial
+One record is one sampled response to one prompt, or one multi-turn episode: then the
+response interleaves the model's turns with the environment's messages (tool results,
+observations), and `loss_mask` is 0 on the environment's tokens, which no objective ever sees;
+their log-probs are 0 and their version tags -1. Versions are per token because partial
 rollouts (generation interrupted by a weight update and resumed under the new weights) mix
 policy versions inside a single response; staleness is measured on the oldest token.
 Records serialise to msgpack with numpy buffers as raw bytes: snapshots and transport never
@@ -20,6 +23,7 @@ _ARRAYS = {
     "response_ids": np.int32,
     "behavior_logprobs": np.float32,
     "token_versions": np.int32,
+    "loss_mask": np.uint8,
 }
 
 
@@ -40,24 +44,34 @@ class Trajectory:
     engine_id: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds: queue, generate, reward, ...
     extra: dict[str, Any] = field(default_factory=dict)  # msgpack-able task data (e.g. the answer)
+    # (R,) uint8: 1 on the model's tokens (trained), 0 on an environment's; None means all 1
+    loss_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.loss_mask is None:
+            self.loss_mask = np.ones(len(self.response_ids), np.uint8)
         for name, dtype in _ARRAYS.items():
             setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=dtype))
         n = len(self.response_ids)
-        if len(self.behavior_logprobs) != n or len(self.token_versions) != n:
+        if len(self.behavior_logprobs) != n or len(self.token_versions) != n or len(self.loss_mask) != n:
             raise ValueError(
                 f"trajectory {self.traj_id}: {n} response tokens but {len(self.behavior_logprobs)} "
-                f"log-probs and {len(self.token_versions)} version tags"
+                f"log-probs, {len(self.token_versions)} version tags and {len(self.loss_mask)} mask entries"
             )
+
+    @property
+    def model_tokens(self) -> int:
+        """Response tokens the model sampled (an episode's environment tokens excluded)."""
+        return int(self.loss_mask.sum())
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
 
     def oldest_version(self) -> int:
-        """The version staleness is measured from: the oldest token (or the start, if empty)."""
-        return int(self.token_versions.min()) if len(self.token_versions) else self.version_start
+        """The version staleness is measured from: the oldest model token (or the start, if none)."""
+        sampled = self.token_versions[self.loss_mask.astype(bool)]
+        return int(sampled.min()) if len(sampled) else self.version_start
 
     def staleness(self, current_version: int) -> int:
         return current_version - self.oldest_version()
@@ -73,6 +87,8 @@ class Trajectory:
     def from_dict(cls, data: dict[str, Any]) -> Trajectory:
         kwargs = dict(data)
         for name, dtype in _ARRAYS.items():
+            if kwargs.get(name) is None:  # a snapshot written before episodes had a mask
+                continue
             kwargs[name] = np.frombuffer(kwargs[name], dtype=dtype).copy()
         return cls(**kwargs)
 

@@ -23,7 +23,7 @@ class TrainBatch:
 
     input_ids: torch.Tensor  # (B, L) int64
     attention_mask: torch.Tensor  # (B, L) int64
-    response_mask: torch.Tensor  # (B, L-1) float32: 1 where the predicted token is a response token
+    response_mask: torch.Tensor  # (B, L-1) float32: 1 where the predicted token is one the model sampled
     behavior_logprobs: torch.Tensor  # (B, L-1) float32
     advantages: torch.Tensor  # (B, L-1) float32, the sequence advantage on its response tokens
     token_versions: torch.Tensor  # (B, L-1) int64, -1 off the response
@@ -60,7 +60,7 @@ def collate(trajectories: list[Trajectory], advantages: np.ndarray | torch.Tenso
         attn[i, : p + r] = 1
         # response token k sits at position p + k and is predicted by logits at p + k - 1
         cols = slice(p - 1, p - 1 + r)
-        resp[i, cols] = 1.0
+        resp[i, cols] = torch.from_numpy(t.loss_mask.astype(np.float32))  # an episode's environment tokens: 0
         blp[i, cols] = torch.tensor(t.behavior_logprobs)
         adv[i, cols] = float(a)
         versions[i, cols] = torch.from_numpy(t.token_versions.astype(np.int64))

@@ -16,6 +16,7 @@ import torch
 
 from buffer import columnar
 from buffer.trajectory import Trajectory
+from rollout.agent_loop import AgentLoop
 from rollout.config import RolloutConfig
 from rollout.engine import Engine
 from rollout.engine_factory import start_engine
@@ -62,6 +63,7 @@ class RolloutActor:
         self.engine_id = engine_id
         self.task_cfg = task
         self.rewards: RewardPool | None = None
+        self.agent: AgentLoop | None = None  # task.name env: multi-turn episodes
         self.buffer = buffer
         self.engine: Engine | None = None
         self.stats = RolloutStats()
@@ -76,7 +78,10 @@ class RolloutActor:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model_path)
         started = time.perf_counter()
-        if self.task_cfg is not None and self.rewards is None:
+        if self.task_cfg is not None and self.task_cfg.name == "env":
+            if self.agent is None:
+                self.agent = await AgentLoop.open(self.task_cfg, self.cfg, self.tokenizer)
+        elif self.task_cfg is not None and self.rewards is None:
             self.rewards = RewardPool(self.task_cfg)
         self.engine = await start_engine(self.cfg)
         return {"engine_id": self.engine_id, "backend": self.engine.name, "startup_s": time.perf_counter() - started,
@@ -171,6 +176,8 @@ class RolloutActor:
             self._failed.append((item.group_id, f"{type(err).__name__}: {err}", False))
 
     async def _group(self, item: PromptItem, n: int) -> list[Trajectory]:
+        if self.agent is not None:
+            return await self._episodes(item, n)
         prompt_ids = self.encode(item)
         self._counter += 1
         started = time.perf_counter()
@@ -183,6 +190,18 @@ class RolloutActor:
         self.stats.trajectories += len(trajs)
         self.stats.tokens += sum(len(c.token_ids) for c in completions)
         self.stats.generate_s += generated
+        return trajs
+
+    async def _episodes(self, item: PromptItem, n: int) -> list[Trajectory]:
+        self._counter += 1
+        started = time.perf_counter()
+        trajs = await self.agent.group(self.engine, item, n, f"{self.engine_id}-{self._counter}-{item.group_id}",
+                                       self.engine_id)  # fmt: skip
+        self.stats.groups += 1
+        self.stats.trajectories += len(trajs)
+        self.stats.tokens += sum(t.model_tokens for t in trajs)
+        self.stats.generate_s += time.perf_counter() - started
+        self.stats.reward_errors += sum("reward_error" in t.extra for t in trajs)
         return trajs
 
     async def _reward(self, item: PromptItem, c: Completion) -> tuple[ScoredReward, float]:
@@ -275,6 +294,9 @@ class RolloutActor:
         if self.rewards is not None:
             self.rewards.close()
             self.rewards = None
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent = None
 
 
 def rollout_actor(

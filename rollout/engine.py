@@ -25,7 +25,11 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
 
-    async def generate(self, prompt_ids: list[int], n: int, request_id: str) -> list[Completion]: ...
+    async def generate(
+        self, prompt_ids: list[int], n: int, request_id: str, max_tokens: int | None = None
+    ) -> list[Completion]:
+        """n completions of at most `max_tokens` (default rollout.max_new_tokens) new tokens."""
+        ...
 
     async def init_weight_group(
         self, host: str, port: int, rank_offset: int, world_size: int, backend: str, secret: str, bind: str

@@ -52,25 +52,27 @@ class TransformersEngine:
     def running(self) -> int:
         return self._in_flight
 
-    async def generate(self, prompt_ids: list[int], n: int, request_id: str) -> list[Completion]:
+    async def generate(
+        self, prompt_ids: list[int], n: int, request_id: str, max_tokens: int | None = None
+    ) -> list[Completion]:
         async with self._idle:
             await self._idle.wait_for(lambda: not self._updating)
             self._in_flight += 1
         try:
-            return await self._generate(prompt_ids, n)
+            return await self._generate(prompt_ids, n, max_tokens or self.cfg.max_new_tokens)
         finally:
             async with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
 
-    async def _generate(self, prompt_ids: list[int], n: int) -> list[Completion]:
+    async def _generate(self, prompt_ids: list[int], n: int, max_tokens: int) -> list[Completion]:
         cfg = self.cfg
         version_start = self.version
         rows = [Completion([], [], [], "", version_start, version_start) for _ in range(n)]
         active = list(range(n))
-        chunk = cfg.hf_chunk_tokens if cfg.partial_rollout else cfg.max_new_tokens
+        chunk = cfg.hf_chunk_tokens if cfg.partial_rollout else max_tokens
         while active:
-            budget = min(chunk, cfg.max_new_tokens - len(rows[active[0]].token_ids))
+            budget = min(chunk, max_tokens - len(rows[active[0]].token_ids))
             async with self._model_lock:
                 version = self.version
                 prefixes = [prompt_ids + rows[i].token_ids for i in active]
@@ -85,7 +87,7 @@ class TransformersEngine:
                     if tok in self.eos:
                         row.finish_reason = "stop"
                         break
-                if not row.finish_reason and len(row.token_ids) >= cfg.max_new_tokens:
+                if not row.finish_reason and len(row.token_ids) >= max_tokens:
                     row.finish_reason = "length"
                 if row.finish_reason:
                     row.version_end = version

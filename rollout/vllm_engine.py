@@ -82,9 +82,10 @@ class VllmEngine:
         async for _ in self.llm.generate({"prompt_token_ids": [0, 1]}, SamplingParams(max_tokens=2), "vespo-smoke"):
             pass
 
-    def _sampling(self, n: int, length: int | None = None):
+    def _sampling(self, n: int, length: int | None = None, max_tokens: int | None = None):
         """`length`: exactly this many tokens (min_tokens = max_tokens: end-of-sequence held back
-        until then), for throughput benchmarks that impose a length distribution."""
+        until then), for throughput benchmarks that impose a length distribution. `max_tokens`:
+        a turn's own cap (an episode's token budget may leave less than max_new_tokens)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -94,7 +95,7 @@ class VllmEngine:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=cfg.top_k if cfg.top_k > 0 else -1,
-            max_tokens=length or cfg.max_new_tokens,
+            max_tokens=length or max_tokens or cfg.max_new_tokens,
             min_tokens=length or 0,
             logprobs=0,  # the sampled token's own log-prob
             detokenize=False,  # token ids are what we keep; rewards decode the whole response once
@@ -104,13 +105,15 @@ class VllmEngine:
     def running(self) -> int:
         return self.llm.get_num_unfinished_requests() if self.llm is not None else 0
 
-    async def generate(self, prompt_ids: list[int], n: int, request_id: str) -> list[Completion]:
+    async def generate(
+        self, prompt_ids: list[int], n: int, request_id: str, max_tokens: int | None = None
+    ) -> list[Completion]:
         if self.cfg.imposed_median_tokens:  # one request per sample, each its own drawn length
             lengths = imposed_lengths(self.cfg, request_id, n)
             parts = await asyncio.gather(*(self._generate(prompt_ids, self._sampling(1, k), f"{request_id}/{i}")
                                            for i, k in enumerate(lengths)))  # fmt: skip
             return [c for part in parts for c in part]
-        return await self._generate(prompt_ids, self._sampling(n), request_id)
+        return await self._generate(prompt_ids, self._sampling(n, max_tokens=max_tokens), request_id)
 
     async def _generate(self, prompt_ids: list[int], sampling, request_id: str) -> list[Completion]:
         version_start = self.version

@@ -7,8 +7,8 @@ live apart from both.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Protocol
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
 
 from pydantic import AfterValidator, Field
 
@@ -40,14 +40,22 @@ class Task(Protocol):
 RewardFn = Callable[[str, TaskSample], float]
 
 
-# the tasks `rollout.tasks.registry` builds (its TASKS must name exactly these)
-TASK_NAMES = ("arithmetic", "math", "repeated_addition")
+# the tasks `rollout.tasks.registry` builds (its TASKS must name exactly these); "env" is
+# the multi-turn one: its samples and rewards come from the environment `task.env` names
+TASK_NAMES = ("arithmetic", "math", "repeated_addition", "env")
 
 
 def _known_task(name: str) -> str:
     if name not in TASK_NAMES:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
     return name
+
+
+def _env_name(spec: str) -> str:
+    kind, _, name = spec.partition(":")
+    if not kind or not name:
+        raise ValueError(f"must be 'kind:name' (e.g. reasoning_gym:products, textarena:GuessTheNumber-v0): {spec!r}")
+    return spec
 
 
 def _import_path(spec: str) -> str:
@@ -59,7 +67,7 @@ def _import_path(spec: str) -> str:
 
 @section("task")
 class TaskConfig:
-    name: Annotated[str, AfterValidator(_known_task)] = "arithmetic"  # arithmetic | repeated_addition | math
+    name: Annotated[str, AfterValidator(_known_task)] = "arithmetic"  # arithmetic | repeated_addition | math | env
     path: NonEmpty | None = None  # math: a .jsonl or .parquet file of rows
     # math: the fields holding prompt and answer, dotted paths allowed ("reward_model.ground_truth");
     # None finds them from the first row (tasks/datasets.py: PROMPT_KEYS, ANSWER_KEYS; docs/data.md)
@@ -76,7 +84,22 @@ class TaskConfig:
     reward_fn: Annotated[str, AfterValidator(_import_path)] | None = None
     reward_timeout_s: Positive = 10.0  # per sample: a reward still running then is stopped and marks its sample
     reward_workers: AtLeast1 = 2  # processes per rollout engine that score rewards (a crash there spares the engine)
+    # name: env -- multi-turn episodes (docs/agents.md). The environment, as "kind:name"
+    # (rollout.envs.registry.ENVS lists the kinds), and the keyword arguments its maker takes
+    env: Annotated[str, AfterValidator(_env_name)] | None = None
+    env_args: dict[str, Any] = field(default_factory=dict)
+    # tools the model may call: "calculator", "python" (sandboxed), "mcp:<server command>"
+    tools: list[NonEmpty] = field(default_factory=list)
+    max_turns: AtLeast1 = 4  # model turns per episode; the episode then ends with what it has earned
+    step_timeout_s: Positive = 30.0  # one environment call (reset, step, a tool); past it the episode fails
+    episode_timeout_s: Positive = 600.0  # a whole episode, generation included; past it the episode fails
 
     def __post_init__(self) -> None:
         if self.name == "math" and not self.path:
             raise ConfigError("the math task needs task.path: a .jsonl or .parquet file with prompt and answer")
+        if self.name == "env" and not self.env:
+            raise ConfigError("task.name env needs task.env: the environment, e.g. reasoning_gym:products")
+        if self.env and self.name != "env":
+            raise ConfigError(f"task.env is set but task.name is {self.name!r}: set task.name: env to train on it")
+        if self.tools and self.name != "env":
+            raise ConfigError("task.tools needs task.name: env (tools are called inside multi-turn episodes)")

@@ -1,7 +1,8 @@
 """Tasks behind one interface: prompts with reference answers, and a verifiable reward.
 
 A task is chosen by name in the config: "arithmetic" (the toy task the tiny model learns on a
-CPU), "math" (JSONL or Parquet rows scored with math-verify), or any task whose reward is a
+CPU), "math" (JSONL or Parquet rows scored with math-verify), "env" (multi-turn episodes with
+the environment `task.env` names, rewarded by it: rollout.envs), or any task whose reward is a
 user function named by import path ("package.module:function"). User code is imported only
 when the config names it, and runs where rewards are computed: in the rollout process.
 """
@@ -147,14 +148,29 @@ def _math_task(cfg: TaskConfig) -> Task:
     return MathTask(cfg)
 
 
+def _env_task(cfg: TaskConfig) -> Task:
+    from rollout.envs.registry import make_env_factory
+
+    return make_env_factory(cfg)
+
+
+def _env_reward() -> RewardFn:
+    def from_environment(response: str, sample: TaskSample) -> float:
+        raise RuntimeError("task.name env: rewards come from the environment's steps, not a reward function")
+
+    return from_environment
+
+
 TASKS: dict[str, Callable[[TaskConfig], Task]] = {
     "arithmetic": ArithmeticTask,
     "repeated_addition": RepeatedAdditionTask,
     "math": _math_task,
+    "env": _env_task,
 }
 REWARDS: dict[str, Callable[[], RewardFn]] = {
     "arithmetic": lambda: lambda response, sample: arithmetic.reward(response, sample.answer),
     "repeated_addition": lambda: lambda response, sample: repeated_addition.reward(response, sample.answer),
     "math": _math_reward,
+    "env": _env_reward,
 }
 assert set(TASKS) == set(TASK_NAMES) == set(REWARDS), "rollout.tasks.base.TASK_NAMES must name every task"

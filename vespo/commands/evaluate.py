@@ -38,6 +38,7 @@ class EvalResult:
     reward_errors: int = 0  # samples whose reward failed (scored 0, counted here)
     first_reward_error: str | None = None
     examples: list[dict] = field(default_factory=list)  # a few (prompt, response, reward) to read
+    episodes: dict[str, float] = field(default_factory=dict)  # multi-turn tasks: turns, tool use (episode/...)
 
 
 def checkpoint_model(path: str | Path) -> str:
@@ -100,6 +101,7 @@ def evaluate(
         reward_errors=len(scored.reward_errors),
         first_reward_error=scored.reward_errors[0] if scored.reward_errors else None,
         examples=[asdict(e) for e in examples(result.trajectories[::samples], tokenizer, show)],
+        episodes=scored.episodes,
     )
 
 
@@ -135,6 +137,11 @@ def main(argv: list[str] | None = None) -> None:
         soft_wrap=True,
         highlight=False,
     )
+    if r.episodes:
+        e = r.episodes
+        console.print(f"  episodes: {e['episode/turns_mean']:.2f} turns, {e['episode/used_tools_frac']:.1%} used a "
+                      f"tool, {e['episode/tool_errors_mean']:.2f} tool errors, {e['episode/latency_s_mean']:.2f}s each "
+                      f"({e['episode/env_time_frac']:.0%} in the environment)", highlight=False)  # fmt: skip
     if r.reward_errors:
         console.print(f"  {r.reward_errors} sample(s) failed their reward (scored 0), e.g. {r.first_reward_error}",
                       soft_wrap=True, highlight=False, markup=False)  # fmt: skip

@@ -73,6 +73,8 @@ def check(cfg: RunConfig, need_eval: bool | None = None, training: bool = True) 
         make_reward(cfg.task)
     except (ValueError, ImportError) as err:
         raise PreflightError(f"task.reward_fn: {err}") from err
+    if cfg.task.name == "env":
+        _check_episodes(cfg, tokenizer)
     chat = [s for s in train if s.messages is not None]
     if chat and not getattr(tokenizer, "chat_template", None):
         raise PreflightError(
@@ -97,6 +99,17 @@ def check(cfg: RunConfig, need_eval: bool | None = None, training: bool = True) 
             "rollout.max_model_len or lower rollout.max_new_tokens"
         )
     return Checked(model_path, architecture, len(train), len(held_out), first, lengths[0], too_long, len(lengths))
+
+
+def _check_episodes(cfg: RunConfig, tokenizer) -> None:
+    from rollout.tools.registry import check_tool_specs
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise PreflightError(f"model {cfg.model}: task.name env needs a chat template to render the episode's turns")
+    try:
+        check_tool_specs(cfg.task.tools)
+    except ValueError as err:
+        raise PreflightError(f"task.tools: {err}") from err
 
 
 def _architecture(model_path: str) -> str:

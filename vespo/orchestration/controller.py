@@ -314,7 +314,8 @@ class Controller:
         self.eval_rewards.append((self.step, scored.mean_reward))
         shown = self.cfg.train.eval_log_samples
         self.eval_examples = examples(result.trajectories, self.tokenizer, shown) if self.tokenizer is not None else []
-        return {"eval/reward": scored.mean_reward, "eval/accuracy": scored.accuracy}
+        episodes = {f"eval/{k}": v for k, v in scored.episodes.items()}
+        return {"eval/reward": scored.mean_reward, "eval/accuracy": scored.accuracy, **episodes}
 
     # -- checkpoint and resume (run_state: where and in which order) ------------------------
 

@@ -16,6 +16,7 @@ import numpy as np
 from buffer.replay import Batch
 from buffer.trajectory import Trajectory
 from vespo.orchestration.reward_errors import RewardErrors
+from vespo.reporting.episode_stats import episode_metrics
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def step_metrics(screened: Screened, screen: Screen, engine_version: int, step: 
     trajs, staleness, weights = batch.trajectories, batch.staleness, batch.weights
     rewards = np.array([t.reward for t in trajs], dtype=np.float64)
     lengths = np.array([len(t.response_ids) for t in trajs])
-    return {
+    return episode_metrics(trajs) | {
         "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
         "reward/accuracy": float((rewards >= 1.0).mean()), "response/length_mean": float(lengths.mean()),
         "response/truncated_frac": float(np.mean([t.finish_reason == "length" for t in trajs])),
@@ -85,3 +86,4 @@ def step_metrics(screened: Screened, screen: Screen, engine_version: int, step: 
         "reward/error_frac": screened.reward_errors / max(screened.received, 1),
         "faults/reward_errors": float(screen.reward_errors.failed),
     }  # fmt: skip
+

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from buffer.trajectory import Trajectory
+from vespo.reporting.episode_stats import episode_metrics
 
 
 @dataclass
@@ -17,6 +18,7 @@ class Score:
     prompts: int
     mean_response_tokens: float
     reward_errors: list[str]  # the failures of samples whose reward failed (they score 0)
+    episodes: dict[str, float]  # multi-turn tasks: episode_stats.episode_metrics; else empty
 
 
 def score(trajectories: list[Trajectory]) -> Score:
@@ -32,4 +34,5 @@ def score(trajectories: list[Trajectory]) -> Score:
         prompts=len(by_group),
         mean_response_tokens=float(np.mean([len(t.response_ids) for t in trajectories])) if trajectories else 0.0,
         reward_errors=[t.extra["reward_error"] for t in trajectories if "reward_error" in t.extra],
+        episodes=episode_metrics(trajectories),
     )

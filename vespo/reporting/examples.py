@@ -24,11 +24,12 @@ class Example:
 
 def examples(trajs: list[Trajectory], tokenizer, count: int) -> list[Example]:
     """The first `count` trajectories, decoded (special tokens kept in the prompt: the template
-    is part of what the model saw; dropped from the response, as the reward saw it)."""
+    is part of what the model saw; dropped from the response, as the reward saw it, except in
+    a multi-turn episode, where they mark whose turn each part is: the whole conversation)."""
     return [
         Example(
             tokenizer.decode(t.prompt_ids, skip_special_tokens=False),
-            tokenizer.decode(t.response_ids, skip_special_tokens=True),
+            tokenizer.decode(t.response_ids, skip_special_tokens="turns" not in t.extra),
             float(t.reward),
             t.extra.get("reward_error"),
             t.finish_reason,

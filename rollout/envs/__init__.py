@@ -1,0 +1,1 @@
+"""Environments a multi-turn episode talks to, and adapters for third-party packages."""
