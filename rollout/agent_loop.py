@@ -27,6 +27,7 @@ class AgentLoop:
     def __init__(self, task: TaskConfig, rollout: RolloutConfig, envs: EnvFactory, tools: list[Tool], tokenizer):
         self.task, self.envs, self.tools = task, envs, tools
         self.chat = ChatFormat(tokenizer, [schema(t) for t in tools])
+        self.server = None  # task.env openai_agent: the OpenAI-compatible endpoint, started on first use
         self.limits = EpisodeLimits(
             max_turns=task.max_turns,
             max_tokens=rollout.max_model_len,
@@ -53,14 +54,34 @@ class AgentLoop:
         """n episodes of one item, played concurrently."""
         sample = TaskSample(item.sample_id, item.text, item.answer, chat=False, data_source=item.data_source,
                             extra_info=item.extra_info)  # fmt: skip
-        episodes = await asyncio.gather(*(
-            run_episode(engine, self.chat, self.environment(), sample, self.limits, f"{request_id}/{i}",
-                        self.task.system_prompt)
-            for i in range(n)
-        ))  # fmt: skip
+        if getattr(self.envs, "agent", None) is not None:
+            episodes = await self._agent_episodes(engine, self.envs.original(sample), n, request_id)
+        else:
+            episodes = await asyncio.gather(*(
+                run_episode(engine, self.chat, self.environment(), sample, self.limits, f"{request_id}/{i}",
+                            self.task.system_prompt)
+                for i in range(n)
+            ))  # fmt: skip
         return [trajectory(item, i, n, ep, engine_id) for i, ep in enumerate(episodes)]
 
+    async def _agent_episodes(self, engine: Engine, sample: TaskSample, n: int, request_id: str) -> list[Episode]:
+        """n episodes played by the user's OpenAI-SDK agent (task.env openai_agent)."""
+        from rollout.openai_agent_episode import run_agent_episode
+        from rollout.openai_server import AgentServer
+
+        if self.server is None:
+            self.server = AgentServer(host=self.envs.host)
+        server = await self.server.ensure_started()
+        return await asyncio.gather(*(
+            run_agent_episode(engine, self.chat.tokenizer, server, self.envs.agent, sample, self.limits,
+                              f"{request_id}/{i}")
+            for i in range(n)
+        ))  # fmt: skip
+
     async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+            self.server = None
         for tool in self.tools:
             try:
                 await tool.close()

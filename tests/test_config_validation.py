@@ -53,6 +53,12 @@ BAD = [
     ("task.reward_fn=mymodule", "task.reward_fn: must be 'module:function', got 'mymodule'"),
     ("task.reward_timeout_s=0", "task.reward_timeout_s must be > 0, got 0"),
     ("task.reward_workers=0", "task.reward_workers must be >= 1, got 0"),
+    ("task.env=products", "task.env: must be 'kind:name'"),
+    ("task.env_args=[1]", "task.env_args: expected a mapping, got [1]"),
+    ("task.tools=[abacus]", "task.tools: unknown tool 'abacus'"),
+    ("task.max_turns=0", "task.max_turns must be >= 1, got 0"),
+    ("task.step_timeout_s=0", "task.step_timeout_s must be > 0, got 0"),
+    ("task.episode_timeout_s=0", "task.episode_timeout_s must be > 0, got 0"),
     # rollout
     ("rollout.backend=tpu", "rollout.backend must be 'vllm', 'transformers' or 'auto', got 'tpu'"),
     ("rollout.n=0", "rollout.n must be >= 1, got 0"),

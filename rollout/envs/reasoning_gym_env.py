@@ -3,9 +3,10 @@
 Each item is a question with a verifier (`score_answer`). The model may call tools over as
 many turns as `task.max_turns` allows; its first turn without a tool call is its answer (the
 text inside `<answer>...</answer>` if it writes one), scored by the dataset's own verifier,
-and the episode ends. `task.env_args` go to the dataset's config (e.g. `min_digits`). Train
-items come from `task.seed`, held-out ones from the next seed, so they never overlap in
-generation order; both are rebuilt identically in every process from the config.
+and the episode ends. `task.env_args` go to the dataset's config (e.g. `min_digits`). reasoning-gym seeds item i
+with seed + i, so the held-out items start at seed + train_size, right after the last
+training item, never among them (seeds seed and seed + 1 would share all but one item);
+both splits are rebuilt identically in every process from the config.
 `task.reward_fn` replaces the dataset's verifier: some pay partial credit that a policy learns
 to collect (`products` pays len(answer)/len(response) for any response containing the answer).
 """
@@ -34,7 +35,9 @@ class ReasoningGymEnvs:
         try:
             self.splits = {
                 "train": reasoning_gym.create_dataset(name, seed=cfg.seed, size=cfg.train_size, **cfg.env_args),
-                "eval": reasoning_gym.create_dataset(name, seed=cfg.seed + 1, size=cfg.eval_size, **cfg.env_args),
+                "eval": reasoning_gym.create_dataset(
+                    name, seed=cfg.seed + cfg.train_size, size=cfg.eval_size, **cfg.env_args
+                ),
             }
         except (TypeError, ValueError, AssertionError) as err:
             raise ValueError(f"task.env_args do not fit reasoning-gym's {name!r}: {err}") from err

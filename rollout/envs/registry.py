@@ -12,6 +12,7 @@ from rollout.tasks.base import TaskConfig
 ENVS = {
     "reasoning_gym": "rollout.envs.reasoning_gym_env:ReasoningGymEnvs",
     "textarena": "rollout.envs.textarena_env:TextArenaEnvs",
+    "openai_agent": "rollout.envs.openai_agent_env:OpenAIAgents",
 }
 
 

@@ -58,6 +58,13 @@ def _env_name(spec: str) -> str:
     return spec
 
 
+def _tools(specs: list[str]) -> list[str]:
+    from rollout.tools.registry import check_tool_specs
+
+    check_tool_specs(specs)
+    return specs
+
+
 def _import_path(spec: str) -> str:
     module, _, function = spec.partition(":")
     if not module or not function:
@@ -89,7 +96,7 @@ class TaskConfig:
     env: Annotated[str, AfterValidator(_env_name)] | None = None
     env_args: dict[str, Any] = field(default_factory=dict)
     # tools the model may call: "calculator", "python" (sandboxed), "mcp:<server command>"
-    tools: list[NonEmpty] = field(default_factory=list)
+    tools: Annotated[list[NonEmpty], AfterValidator(_tools)] = field(default_factory=list)
     max_turns: AtLeast1 = 4  # model turns per episode; the episode then ends with what it has earned
     step_timeout_s: Positive = 30.0  # one environment call (reset, step, a tool); past it the episode fails
     episode_timeout_s: Positive = 600.0  # a whole episode, generation included; past it the episode fails

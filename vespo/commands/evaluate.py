@@ -139,9 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     if r.episodes:
         e = r.episodes
-        console.print(f"  episodes: {e['episode/turns_mean']:.2f} turns, {e['episode/used_tools_frac']:.1%} used a "
-                      f"tool, {e['episode/tool_errors_mean']:.2f} tool errors, {e['episode/latency_s_mean']:.2f}s each "
-                      f"({e['episode/env_time_frac']:.0%} in the environment)", highlight=False)  # fmt: skip
+        line = (f"  episodes: {e['episode/turns_mean']:.2f} turns, {e['episode/used_tools_frac']:.1%} used a tool, "
+                f"{e['episode/tool_errors_mean']:.2f} tool errors, {e['episode/latency_s_mean']:.2f}s each "
+                f"({e['episode/env_time_frac']:.0%} in the environment)")  # fmt: skip
+        console.print(line, soft_wrap=True, highlight=False)
     if r.reward_errors:
         console.print(f"  {r.reward_errors} sample(s) failed their reward (scored 0), e.g. {r.first_reward_error}",
                       soft_wrap=True, highlight=False, markup=False)  # fmt: skip
