@@ -27,9 +27,23 @@ def run(coro):
     return asyncio.run(coro)
 
 
+_before: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before():
+    """The test process's children before each test: earlier tests in the same process may keep
+    theirs (wandb's service, a Ray driver's helpers); only children a test adds are its own."""
+    _before.clear()
+    _before.update(p.pid for p in psutil.Process().children(recursive=True))
+
+
+def new_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in _before]
+
+
 def no_children_left() -> None:
-    children = psutil.Process().children(recursive=True)
-    _, alive = psutil.wait_procs(children, timeout=3)  # a killed child may still be on its way out
+    _, alive = psutil.wait_procs(new_children(), timeout=3)  # a killed child may still be on its way out
     assert not alive, f"processes left behind: {alive}"
 
 
@@ -197,7 +211,7 @@ def test_mcp_tools_list_call_fail_and_close() -> None:
         assert "\n" not in str(refused.value)
         with pytest.raises(ToolError, match="^add: .*validation error"):
             await add.call({"a": "x"})
-        (server,) = psutil.Process().children(recursive=True)
+        (server,) = new_children()
         await add.close()
         assert server.is_running()  # fail still uses it
         await fail.close()
