@@ -186,22 +186,22 @@ class RolloutActor:
         rewards = await asyncio.gather(*(self._reward(item, c) for c in completions))
         trajs = [self._trajectory(item, prompt_ids, i, c, n, generated, r)
                  for i, (c, r) in enumerate(zip(completions, rewards, strict=True))]  # fmt: skip
-        self.stats.groups += 1
-        self.stats.trajectories += len(trajs)
-        self.stats.tokens += sum(len(c.token_ids) for c in completions)
-        self.stats.generate_s += generated
-        return trajs
+        return self._counted(trajs, generated)
 
     async def _episodes(self, item: PromptItem, n: int) -> list[Trajectory]:
         self._counter += 1
         started = time.perf_counter()
         trajs = await self.agent.group(self.engine, item, n, f"{self.engine_id}-{self._counter}-{item.group_id}",
                                        self.engine_id)  # fmt: skip
+        self.stats.reward_errors += sum("reward_error" in t.extra for t in trajs)  # a failed episode
+        return self._counted(trajs, time.perf_counter() - started)
+
+    def _counted(self, trajs: list[Trajectory], seconds: float) -> list[Trajectory]:
+        """One group's share of the stats: its samples, the tokens the model sampled, the time."""
         self.stats.groups += 1
         self.stats.trajectories += len(trajs)
         self.stats.tokens += sum(t.model_tokens for t in trajs)
-        self.stats.generate_s += time.perf_counter() - started
-        self.stats.reward_errors += sum("reward_error" in t.extra for t in trajs)
+        self.stats.generate_s += seconds
         return trajs
 
     async def _reward(self, item: PromptItem, c: Completion) -> tuple[ScoredReward, float]:

@@ -87,7 +87,6 @@ async def run_episode(engine: Engine, chat: ChatFormat, env: Environment, sample
         except Exception:  # noqa: BLE001 - closing is best effort; the episode's outcome stands
             pass
     episode.version_end = max([v for v in episode.versions if v >= 0], default=episode.version_start)
-    episode.generate_s = max(episode.generate_s, 0.0)
     episode.env_s = time.perf_counter() - started - episode.generate_s
     return episode
 

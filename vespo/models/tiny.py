@@ -106,12 +106,15 @@ def corpus(cfg: TinyModelConfig) -> list[str]:
     raise ValueError(f"tiny model: unknown task {cfg.task!r}; choose arithmetic or repeated_addition")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE (any text round-trips) with digits kept as single tokens."""
+def train_tokenizer(
+    texts: list[str], vocab_size: int, roles: tuple[str, ...] = ROLES, chat_template: str = CHAT_TEMPLATE
+):
+    """Byte-level BPE (any text round-trips) with digits kept as single tokens; each of `roles`
+    is a special token `<|role|>` of `chat_template`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [PAD, EOS, *(f"<|{r}|>" for r in ROLES)]
+    specials = [PAD, EOS, *(f"<|{r}|>" for r in roles)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -122,7 +125,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, chat_template=CHAT_TEMPLATE, model_max_length=512
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, chat_template=chat_template, model_max_length=512
     )
 
 
@@ -153,29 +156,30 @@ def warm_up(model, tokenizer, texts: list[str], cfg: TinyModelConfig) -> None:
     a parallel reduction splits its sums by the thread count, so a warm-up on 2 cores and one
     on 64 would start RL from different models. One thread gives the same bytes on any core
     count (a few seconds for this model)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _warm_up(model, tokenizer, texts, cfg)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _warm_up(model, tokenizer, texts: list[str], cfg: TinyModelConfig) -> None:
-    g = torch.Generator().manual_seed(cfg.seed)
     rows = [tokenizer(t + EOS)["input_ids"] for t in texts]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
     mask = (ids != tokenizer.pad_token_id).long()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr)
-    model.train()
-    for _ in range(cfg.warmup_steps):
-        pick = torch.randint(len(rows), (cfg.warmup_batch,), generator=g)
-        labels = ids[pick].masked_fill(mask[pick] == 0, -100)
-        loss = model(input_ids=ids[pick], attention_mask=mask[pick], labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    train_next_token(model, ids, mask, ids.masked_fill(mask == 0, -100), cfg)
+
+
+def train_next_token(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, cfg: TinyModelConfig) -> None:
+    """`cfg.warmup_steps` AdamW steps on random batches of rows (labels -100: not trained), on one
+    thread: the same bytes on any core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(cfg.seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr)
+        model.train()
+        for _ in range(cfg.warmup_steps):
+            pick = torch.randint(len(ids), (cfg.warmup_batch,), generator=g)
+            loss = model(input_ids=ids[pick], attention_mask=mask[pick], labels=labels[pick]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)

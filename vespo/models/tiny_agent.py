@@ -22,7 +22,8 @@ import torch
 from rollout.chat_format import ChatFormat
 from rollout.tools.base import ToolCall
 from rollout.tools.calls import format_tool_call
-from vespo.models.tiny import EOS, PAD, TinyModelConfig, build_once, cache_root, init_model
+from vespo.models import tiny
+from vespo.models.tiny import TinyModelConfig, build_once, cache_root, init_model
 
 ROLES = ("system", "user", "assistant", "tool")
 # renders `tools=` itself (a short list of names), so the episode's prompt stays short
@@ -62,7 +63,8 @@ def build(cfg: TinyAgentConfig, out: Path) -> None:
     items = problems(cfg.episodes, 10_000 + cfg.model.seed, cfg.model.max_digits)
     tokenizer = train_tokenizer(items, cfg.model.vocab_size)
     rng = random.Random(cfg.model.seed)
-    rows = [episode_tokens(tokenizer, q, expr, ans, rng.random() < cfg.tool_share) for q, expr, ans in items]
+    chat = ChatFormat(tokenizer, [CALCULATOR])
+    rows = [episode_tokens(chat, q, expr, ans, rng.random() < cfg.tool_share) for q, expr, ans in items]
     model = init_model(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     warm_up(model, rows, tokenizer.pad_token_id, cfg.model)
     model.save_pretrained(out)
@@ -70,29 +72,14 @@ def build(cfg: TinyAgentConfig, out: Path) -> None:
 
 
 def train_tokenizer(items: list[tuple[str, str, str]], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [PAD, EOS, *(f"<|{r}|>" for r in ROLES)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
     texts = [f"tools: calculator{q}{format_tool_call(ToolCall('calculator', {'expression': e}))}{a}"
              for q, e, a in items]  # fmt: skip
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, chat_template=CHAT_TEMPLATE, model_max_length=512
-    )
+    return tiny.train_tokenizer(texts, vocab_size, ROLES, CHAT_TEMPLATE)
 
 
-def episode_tokens(tokenizer, question: str, expression: str, answer: str, use_tool: bool) -> tuple[list, list]:
+def episode_tokens(chat: ChatFormat, question: str, expression: str, answer: str, use_tool: bool) -> tuple[list, list]:
     """(ids, trained) of one episode as the runner would record it."""
-    chat = ChatFormat(tokenizer, [CALCULATOR])
+    tokenizer = chat.tokenizer
     ids = chat.opening([{"role": "user", "content": question}])
     trained = [0] * len(ids)
 
@@ -112,26 +99,12 @@ def episode_tokens(tokenizer, question: str, expression: str, answer: str, use_t
 
 
 def warm_up(model, rows: list[tuple[list, list]], pad_id: int, cfg: TinyModelConfig) -> None:
-    """Next-token training on the model's turns only, on one thread (same bytes on any core count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        g = torch.Generator().manual_seed(cfg.seed)
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), pad_id)
-        labels = torch.full((len(rows), width), -100)
-        for i, (row, trained) in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            labels[i, : len(row)] = torch.tensor([t if m else -100 for t, m in zip(row, trained, strict=True)])
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(r) for r, _ in rows])[:, None]).long()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr)
-        model.train()
-        for _ in range(cfg.warmup_steps):
-            pick = torch.randint(len(rows), (cfg.warmup_batch,), generator=g)
-            loss = model(input_ids=ids[pick], attention_mask=mask[pick], labels=labels[pick]).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-    finally:
-        torch.set_num_threads(threads)
+    """Next-token training on the model's turns only."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), -100)
+    for i, (row, trained) in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, : len(row)] = torch.tensor([t if m else -100 for t, m in zip(row, trained, strict=True)])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(r) for r, _ in rows])[:, None]).long()
+    tiny.train_next_token(model, ids, mask, labels, cfg)
