@@ -1,10 +1,11 @@
 """Multi-turn episodes: tokens kept as sampled, masks, version tags, limits, and failures that
-end one episode and nothing else. The engine is scripted (its turns are chosen by the test);
-the tokenizer, chat template, environments and learner code are the real ones."""
+end one episode and nothing else. Most use a scripted engine (its turns chosen by the test)
+with the real tokenizer, chat template and learner code; the last plays a real chat model."""
 
 from __future__ import annotations
 
 import asyncio
+from itertools import groupby
 
 import numpy as np
 import pytest
@@ -16,12 +17,17 @@ from learner.batching import collate
 from learner.objectives import compute_loss
 from rollout.agent_loop import trajectory
 from rollout.chat_format import ChatFormat
+from rollout.config import RolloutConfig
 from rollout.envs.base import EnvStep
 from rollout.envs.tool_env import ToolEnv
 from rollout.episode import EpisodeLimits, run_episode
+from rollout.hf_engine import TransformersEngine
 from rollout.records import Completion, PromptItem
 from rollout.tasks.base import TaskSample
-from rollout.tools.base import ToolError
+from rollout.tools.base import ToolError, schema
+from rollout.tools.calculator import Calculator
+from rollout.tools.calls import tool_system_prompt
+from vespo.models import resolve_model
 
 LIMITS = EpisodeLimits(max_turns=4, max_tokens=800, turn_tokens=200, step_timeout_s=2.0, episode_timeout_s=20.0)
 SAMPLE = TaskSample("s-0", "q", "a", chat=False)
@@ -216,3 +222,43 @@ def test_tool_calls_in_a_turn_are_answered_with_tool_messages(tok):
     assert "<|tool|>hi<|tool|>error: no tool named 'nope'" in text and "error: echo needs 'text'" in text
     assert ep.tool_calls == 3 and ep.tool_errors == 2 and ep.reward == 1.0 and inner.seen == ["hi"]
     assert '"name": "echo"' in tok.decode(ep.prompt_ids)  # the tools were described to the model
+
+
+
+def test_a_real_chat_model_plays_an_episode_whose_tokens_are_its_chat_template():
+    """SmolLM2-135M-Instruct (ChatML, a template that ignores `tools=`) on the transformers
+    engine: the prompt with the tools described in a system turn, its sampled turns and the
+    environment's message between them decode to exactly what the chat template renders for the
+    same conversation, and the model's tokens carry log-probs, the environment's none."""
+    path = resolve_model("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg = RolloutConfig(model_path=path, backend="transformers", max_new_tokens=12, max_model_len=512,
+                        dtype="float32", temperature=0.0)  # fmt: skip
+    question = [{"role": "user", "content": "What is 12 * 34?"}]
+    env = Script([EnvStep([{"role": "user", "content": "Are you sure?"}]), EnvStep(reward=1.0, done=True)], question)
+    tools = [schema(Calculator())]
+
+    async def scenario():
+        engine = TransformersEngine(cfg)
+        await engine.start()
+        try:
+            return await run_episode(engine, ChatFormat(tok, tools), env, SAMPLE, LIMITS, "real")
+        finally:
+            await engine.shutdown()
+
+    ep = asyncio.run(scenario())
+    assert ep.turns == 2 and ep.end == "done" and ep.error is None
+    mask = np.array(ep.mask, bool)
+    runs = groupby(zip(ep.response_ids, mask, strict=True), key=lambda x: x[1])
+    turns = [[t for t, _ in run] for trained, run in runs if trained]
+    texts = [tok.decode(turn, skip_special_tokens=True) for turn in turns]
+    assert env.seen == texts  # the environment read each turn as the model wrote it
+    conversation = [{"role": "system", "content": tool_system_prompt(tools)}, *question,
+                    {"role": "assistant", "content": texts[0]}, {"role": "user", "content": "Are you sure?"},
+                    {"role": "assistant", "content": texts[1]}]  # fmt: skip
+    rendered = tok.apply_chat_template(conversation, tokenize=False)
+    last_closed = turns[1][-1] == tok.eos_token_id  # a turn cut at max_new_tokens has no <|im_end|> yet
+    assert tok.decode(ep.prompt_ids + ep.response_ids) == rendered.removesuffix("<|im_end|>\n") + (
+        "<|im_end|>" if last_closed else ""
+    )
+    assert np.all(np.array(ep.logprobs)[mask] <= 0) and np.all(np.array(ep.logprobs)[~mask] == 0)
