@@ -40,6 +40,9 @@ class LearnerConfig:
     pack_sequences: bool = True
     bf16: bool = False  # bf16 weights and activations, fp32 master weights (GPU, or CPU: docs/learner.md)
     seed: AtLeast0 = 0
+    # engines on rank 0's node take weight updates from shared memory (/dev/shm; CUDA IPC on GPUs)
+    # instead of the weight group's broadcast; false sends every engine the broadcast
+    weight_sync_shm: bool = True
     # the temperature of the policy the learner scores, which must be the engines' (log-probs are of
     # the tempered policy); unset, the run config derives it from rollout.temperature
     temperature: Positive | None = None

@@ -351,8 +351,9 @@ class LearnerWorker:
         from weightsync.sender import WeightBroadcaster
 
         if getattr(self, "broadcaster", None) is not None:
-            self.broadcaster.close()
-        self.broadcaster = WeightBroadcaster(num_receivers, bucket_bytes=bucket_bytes, device=self.device, host=host)
+            self.broadcaster.close()  # the old group and its shared region go
+        self.broadcaster = WeightBroadcaster(num_receivers, bucket_bytes=bucket_bytes, device=self.device, host=host,
+                                             same_node=self.cfg.weight_sync_shm)  # fmt: skip
         return *self.broadcaster.address, self.broadcaster.secret
 
     def weight_sync_refused(self) -> tuple[int, list[str]]:

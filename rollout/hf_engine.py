@@ -129,6 +129,8 @@ class TransformersEngine:
     async def init_weight_group(
         self, host: str, port: int, rank_offset: int, world_size: int, backend: str, secret: str, bind: str
     ) -> None:
+        if self.group is not None:
+            self.group.close()  # a new group replaces the old one (and its shared region)
         self.group = await asyncio.to_thread(
             wb.open_group, host, port, rank_offset, world_size, backend, secret, bind=bind
         )

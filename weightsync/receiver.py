@@ -24,11 +24,15 @@ class VespoWorkerExtension:
     ) -> int:
         """Join as one receiver per tensor-parallel shard, proving the group's secret (hex)."""
         rank = rank_offset + self.rank
+        if self._vespo_group is not None:
+            self._vespo_group.close()  # a new group replaces the old one (and its shared region)
         self._vespo_group = wb.open_group(host, port, rank, world_size, backend, secret, bind=bind)
         return rank
 
     def vespo_receive_weights(self, plan_wire: list) -> int:
-        """Receive one broadcast (the plan says what comes) and load it; returns bytes received."""
+        """Receive one update (the plan says what comes) and load it; returns bytes received. On
+        the learner's node the tensors are views of its shared region: `reload_weights` copies
+        them into the model's own parameters (and repacks them), so nothing keeps the views."""
         if self._vespo_group is None:
             raise RuntimeError("vespo_init_weight_group must run before weights can be received")
         plan = wb.plan_from_wire(plan_wire)

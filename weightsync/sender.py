@@ -2,13 +2,15 @@
 
 The protocol both sides share (bucket plan, wire format, authenticated group formation) is
 `weightsync.transport`; the engines' side is `weightsync.receiver` and `rollout.hf_engine`.
+Receivers on this node read the buckets from a region this process writes (`weightsync.shm`);
+the rest get them by broadcast, straight from the same region when there is one.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +22,11 @@ from weightsync.transport import (  # noqa: F401 (TensorSpec: re-exported for th
     TensorSpec,
     WeightGroup,
     backend_for,
+    bucket_bytes_of,
     node_ip,
     open_group,
     pack,
+    pack_into,
     plan_buckets,
     spec_of,
 )  # fmt: skip
@@ -46,8 +50,8 @@ class WeightBroadcaster:
     (rollout actors' `init_weight_group` with `address`, their rank offset, `world_size` and
     `secret`), call `connect()`; then per update make a
     plan, start the receivers with it and call `broadcast` with the same tensors in the same
-    order. Under ZeRO-3 pass an iterator that gathers one parameter at a time: nothing here
-    holds more than two buckets.
+    order. Under ZeRO-3 pass an iterator that gathers one parameter at a time: the broadcast
+    holds at most two buckets; receivers on this node share one region the size of the update.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class WeightBroadcaster:
         host: str | None = None,
         port: int = 0,
         timeout_s: float = 600.0,
+        same_node: bool | Collection[int] = True,
     ):
         self.world_size = num_receivers + 1
         self.bucket_bytes = bucket_bytes
@@ -67,6 +72,7 @@ class WeightBroadcaster:
         self.server = StoreServer(host or node_ip(), bytes.fromhex(self.secret), name="weight group", port=port)
         self.host, self.port = self.server.address
         self.timeout_s = timeout_s
+        self.same_node = same_node  # shared memory for receivers on this node (transport.open_group)
         self.group: WeightGroup | None = None
 
     @property
@@ -80,7 +86,8 @@ class WeightBroadcaster:
         return self.server.refused_total, list(self.server.refused)
 
     def connect(self) -> None:
-        self.group = open_group(self.host, self.port, 0, self.world_size, self.backend, self.secret, self.timeout_s)
+        self.group = open_group(self.host, self.port, 0, self.world_size, self.backend, self.secret, self.timeout_s,
+                                same_node=self.same_node)  # fmt: skip
 
     def plan(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[Bucket]:
         return plan_buckets((spec_of(n, t) for n, t in named_tensors), self.bucket_bytes)
@@ -91,24 +98,35 @@ class WeightBroadcaster:
             raise RuntimeError("connect() the weight group before broadcasting")
         start = time.perf_counter()
         tensors = iter(named_tensors)
-        pending = None
+        local = self.group.local
+        slots = local.begin([bucket_bytes_of(b) for b in plan]) if local is not None else None
+        sent, signals = [], []  # broadcasts and signals in flight
         total = 0
-        for bucket in plan:
+        for k, bucket in enumerate(plan):
             parts = []
             for spec in bucket:
                 name, tensor = next(tensors)
                 if spec_of(name, tensor) != spec:
                     raise ValueError(f"broadcast got {spec_of(name, tensor)} where the plan has {spec}")
                 parts.append(tensor)
-            buffer = pack(parts, self.device)
-            if pending is not None:
-                pending[0].wait()  # keep at most two buckets alive
-            pending = (self.group.broadcast(buffer), buffer)
+            if slots is not None:
+                buffer = pack_into(parts, slots[k])  # the region is not reused within an update
+                signals.append(local.ready(k))
+            else:
+                buffer = pack(parts, self.device)
+                if sent:
+                    sent.pop(0)[0].wait()  # keep at most two buckets alive
+            if self.group.remote is not None:
+                sent.append((self.group.broadcast(buffer), buffer))
             total += buffer.numel()
-        if pending is not None:
-            pending[0].wait()
+        for work, _ in sent:
+            work.wait()
+        for work in signals:
+            work.wait()
         return BroadcastStats(total, time.perf_counter() - start, len(plan))
 
     def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
         self.group = None
         self.server.close()

@@ -11,6 +11,10 @@ Nobody else joins: rank 0 hosts the group's rendezvous on an authenticated store
 every member proves a secret made for this group, handed to the engines through Ray, before any
 address is exchanged. A process that merely reaches the port is refused and named in the log.
 
+Receivers on rank 0's node that can map its memory take the buckets from there instead
+(`weightsync.shm`: /dev/shm on CPU, CUDA IPC on GPUs); the broadcast then only reaches the
+others. Which receivers are local is agreed when the group forms.
+
 Wire format: a *plan* (the bucket layout, plain lists, sent to the receivers beside the call
 that makes them listen) and then one broadcast per bucket, each a flat uint8 buffer holding
 several tensors back to back. Few large broadcasts beat one per tensor (latency per call), and
@@ -19,7 +23,7 @@ a byte buffer mixes dtypes freely. One bucket is packed while the previous one i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from runtime.rendezvous import AuthStore, gloo_options
+from weightsync.shm import SameNode, local_ranks
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 _STORE_PREFIX = "vespo-weights"
@@ -89,6 +94,18 @@ def pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.cat(flat) if len(flat) > 1 else flat[0]
 
 
+def pack_into(tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """pack() into a given uint8 buffer of exactly their size (rank 0's shared region)."""
+    offset = 0
+    for t in tensors:
+        flat = t.detach().contiguous().view(-1).view(torch.uint8)
+        out[offset : offset + flat.numel()].copy_(flat)
+        offset += flat.numel()
+    if offset != out.numel():
+        raise ValueError(f"packed {offset} bytes into a {out.numel()}-byte buffer")
+    return out
+
+
 def unpack(buffer: torch.Tensor, bucket: Bucket) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) views into buffer, in plan order."""
     out, offset = [], 0
@@ -106,16 +123,30 @@ def backend_for(device: torch.device | str) -> str:
 
 @dataclass
 class WeightGroup:
-    """A joined weight group. It keeps the store: rank 0 serves it for as long as the group lives."""
+    """A joined weight group. It keeps the store: rank 0 serves it for as long as the group lives.
+    `remote`: the broadcast to the receivers not on rank 0's node (None on a local receiver, or
+    on rank 0 when every receiver is local); `local`: rank 0's node's shared region (None on a
+    remote receiver, or on rank 0 when none is local)."""
 
-    backend: dist.Backend
     store: dist.Store
+    remote: dist.Backend | None = None
+    local: SameNode | None = None
 
     def broadcast(self, buffer: torch.Tensor):
-        """Broadcast from rank 0 into buffer on every rank; returns the pending work."""
+        """Broadcast from rank 0 into buffer on every remote member; returns the pending work."""
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        return self.backend.broadcast([buffer], opts)
+        return self.remote.broadcast([buffer], opts)
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
+        self.local = self.remote = None
+
+
+def device_for(backend: str) -> torch.device:
+    """Where rank 0's buckets live: this process's current CUDA device under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def open_group(
@@ -127,27 +158,46 @@ def open_group(
     secret: str,
     timeout_s: float = 600.0,
     bind: str | None = None,
+    same_node: bool | Collection[int] = True,
 ) -> WeightGroup:
     """Join the weight group whose store rank 0 hosts at host:port, proving `secret` (hex);
     blocks until every rank has joined. `bind`: this member's own address for gloo's sockets
-    (default: host, right for rank 0 and for a run on one machine)."""
+    (default: host, right for rank 0 and for a run on one machine). `same_node`: whether
+    receivers on rank 0's node take the weights from shared memory (`weightsync.shm.local_ranks`;
+    rank 0's value decides, a receiver can only opt out)."""
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"weight group backend must be gloo or nccl, got {backend!r}")
     timeout = timedelta(seconds=timeout_s)
     store = AuthStore(host, port, bytes.fromhex(secret), timeout, name="weight group")
-    prefixed = dist.PrefixStore(_STORE_PREFIX, store)
-    if backend == "gloo":
-        group: dist.Backend = dist.ProcessGroupGloo(prefixed, rank, world_size, gloo_options(bind or host, timeout))
-    elif backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
-    else:
-        raise ValueError(f"weight group backend must be gloo or nccl, got {backend!r}")
-    return WeightGroup(group, store)
+    local = local_ranks(store, rank, world_size, device_for(backend), same_node)
+    remote = [r for r in range(world_size) if r not in local]  # rank 0 first
+    group = WeightGroup(store)
+    if (rank == 0 or rank in local) and local:
+        members = [0, *local]
+        signals = dist.ProcessGroupGloo(dist.PrefixStore(f"{_STORE_PREFIX}/local", store), members.index(rank),
+                                        len(members), gloo_options(bind or host, timeout))  # fmt: skip
+        group.local = SameNode(store, members.index(rank), signals, device_for(backend), timeout)
+    if rank in remote and len(remote) > 1:
+        prefixed = dist.PrefixStore(_STORE_PREFIX, store)
+        sub = remote.index(rank)
+        if backend == "gloo":
+            group.remote = dist.ProcessGroupGloo(prefixed, sub, len(remote), gloo_options(bind or host, timeout))
+        else:
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            group.remote = dist.ProcessGroupNCCL(prefixed, sub, len(remote), options)
+    return group
 
 
 def receive(group: WeightGroup, plan: list[Bucket], device: torch.device) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Receiver side: yields each bucket's (name, tensor) list as it lands. The next bucket's
-    receive is posted before the current one is handed out, so loading overlaps the transfer."""
+    """Receiver side: yields each bucket's (name, tensor) list as it lands. From shared memory the
+    tensors are views of rank 0's region (valid until the next update starts; moved to `device`
+    if it differs). From the broadcast, the next bucket's receive is posted before the current one
+    is handed out, so loading overlaps the transfer."""
+    if group.local is not None:
+        for buffer, bucket in zip(group.local.receive([bucket_bytes_of(b) for b in plan]), plan, strict=True):
+            yield [(name, t if t.device == device else t.to(device)) for name, t in unpack(buffer, bucket)]
+        return
     pending = None
     for bucket in plan:
         buffer = torch.empty(bucket_bytes_of(bucket), dtype=torch.uint8, device=device)
