@@ -31,8 +31,11 @@ class RolloutConfig:
     dtype: Dtype = "auto"
     seed: AtLeast0 = 0
     partial_rollout: bool = True  # on an update, pause in-flight requests and resume them under the new weights
+    # vLLM, on an update: paused requests resume on the keys and values cached so far ("keep"), or
+    # are preempted and their KV recomputed under the new weights ("recompute"); docs/rollout.md
+    update_kv: Literal["keep", "recompute"] = "keep"
     max_num_seqs: AtLeast1 = 64  # sequences one engine decodes together
-    prefix_caching: bool = True  # the cache is invalidated on every weight update
+    prefix_caching: bool = True  # a new request never reuses KV cached under earlier weights
     # vLLM sizing: KV cache memory in GiB on CPU, the GPU memory fraction on GPU
     kv_cache_gb: Positive = 1.0
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.85

@@ -118,7 +118,10 @@ class VllmEngine:
     async def _generate(self, prompt_ids: list[int], sampling, request_id: str) -> list[Completion]:
         version_start = self.version
         final = None
-        async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id=request_id):
+        # the salt keys the prefix cache by weight version: a new request never reuses KV cached
+        # under earlier weights, whatever update_kv does with the requests in flight
+        prompt = {"prompt_token_ids": prompt_ids, "cache_salt": f"vespo-w{version_start}"}
+        async for out in self.llm.generate(prompt, sampling, request_id=request_id):
             final = out
         if final is None:
             raise RuntimeError(f"vLLM returned nothing for request {request_id}")
@@ -162,10 +165,10 @@ class VllmEngine:
 
 
 class _Paused:
-    """Generation paused around a weight swap. partial_rollout: requests are frozen ("keep"),
-    then preempted when the caches are reset, so on resume vLLM recomputes their KV from the
-    tokens already produced under the new weights and continues. Otherwise new requests queue
-    while in-flight ones finish ("wait")."""
+    """Generation paused around a weight swap. partial_rollout: requests are frozen (vLLM's
+    "keep" pause); with update_kv "keep" they resume on their cached KV, with "recompute" they
+    are preempted when the caches are reset and vLLM recomputes their KV under the new weights
+    before continuing. Otherwise new requests queue while in-flight ones finish ("wait")."""
 
     def __init__(self, engine: VllmEngine, version: int):
         self.engine, self.version = engine, version
@@ -179,9 +182,9 @@ class _Paused:
         llm = self.engine.llm
         try:
             if exc_type is None:
-                # Old-weight KV must not be reused: not by new prompts (prefix cache), and not by
-                # paused requests (preempted here, recomputed on resume).
-                await llm.reset_prefix_cache(reset_running_requests=True)
+                if self.engine.cfg.update_kv == "recompute":
+                    # paused requests are preempted here and recompute their KV on resume
+                    await llm.reset_prefix_cache(reset_running_requests=True)
                 await llm.update_weight_version(str(self.version))
                 self.engine.version = self.version
         finally:

@@ -33,8 +33,10 @@ class Rig:
     def __init__(self):
         self.path = model_dir()
         # float32: these tests check vLLM's log-probs against transformers' to 1e-3 (bf16 is ~3e-2)
+        # update_kv "recompute": a paused request's new tokens are scored by a fresh pass of the new
+        # weights (tests/test_update_kv.py has "keep")
         self.cfg = RolloutConfig(model_path=self.path, n=4, max_new_tokens=200, max_model_len=256, num_cpus=1,
-                                 dtype="float32")  # fmt: skip
+                                 dtype="float32", update_kv="recompute")  # fmt: skip
         self.actor = rollout_actor(self.cfg, TaskConfig(name="arithmetic", max_digits=1), "engine-0")
         self.info = ray.get(self.actor.start.remote())
         self.weights = load_model(self.path).state_dict()
