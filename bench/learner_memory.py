@@ -48,7 +48,7 @@ def _status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _no_head_logprobs(model, input_ids, attention_mask, temperature=1.0, position_ids=None):
+def _no_head_logprobs(model, input_ids, attention_mask, temperature=1.0, position_ids=None, with_entropy=False):
     """Stand-in log-probs from the final hidden states (bounded, with a gradient): the model's
     whole step without the output layer."""
     import torch
@@ -57,7 +57,8 @@ def _no_head_logprobs(model, input_ids, attention_mask, temperature=1.0, positio
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
                 logits_to_keep=1, **extra)  # fmt: skip
     hidden = out.hidden_states[-1][:, :-1].float()
-    return -math.log(LARGE_VOCAB["vocab_size"]) + 1e-3 * torch.tanh(hidden.mean(-1))
+    lp = -math.log(LARGE_VOCAB["vocab_size"]) + 1e-3 * torch.tanh(hidden.mean(-1))
+    return (lp, torch.zeros_like(lp).detach()) if with_entropy else lp
 
 
 def child(model_dir: str, variant: str, rows: int, prompt: int, response: int, steps: int) -> dict:

@@ -34,8 +34,11 @@ def token_logprobs(
     temperature: float = 1.0,
     position_ids: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
-) -> torch.Tensor:
-    """(B, L-1): log p(input_ids[:, j+1] | input_ids[:, :j+1]).
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(B, L-1): log p(input_ids[:, j+1] | input_ids[:, :j+1]); with_entropy: and the entropy of
+    each of those next-token distributions (B, L-1), a metric, taken from the same chunks and
+    carrying no gradient.
 
     `temperature` matches the engines' sampling temperature, whose log-probs are of the tempered
     distribution. `position_ids` (and no attention mask) is how packed rows are scored
@@ -44,7 +47,7 @@ def token_logprobs(
     lm = _causal_lm(model)
     extra = {} if position_ids is None else {"position_ids": position_ids}
     if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
-        return full_logits_token_logprobs(model, input_ids, attention_mask, temperature, position_ids)
+        return full_logits_token_logprobs(model, input_ids, attention_mask, temperature, position_ids, with_entropy)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -63,16 +66,24 @@ def token_logprobs(
     step = chunk_tokens or max(16, CHUNK_LOGIT_BYTES // (4 * head.vocab_size))
     if not torch.is_grad_enabled() or not flat_hidden.requires_grad:
         with torch.no_grad():
-            parts = [_head_logprobs(head, flat_hidden[i : i + step], flat_targets[i : i + step], temperature)
-                     for i in range(0, flat_hidden.shape[0], step)]  # fmt: skip
-        lp = torch.cat(parts) if parts else flat_hidden.new_zeros(0, dtype=torch.float32)
+            lp, entropy = _chunks(head, flat_hidden, flat_targets, temperature, step)
     elif head.partitioned:
-        lp = _checkpointed(head, flat_hidden, flat_targets, temperature, step)
+        lp, entropy = _checkpointed(head, flat_hidden, flat_targets, temperature, step)
     else:
-        lp = ChunkedLogprobs.apply(
+        lp, entropy = ChunkedLogprobs.apply(
             flat_hidden, head.layer.weight, head.layer.bias, flat_targets, head, temperature, step
         )
-    return lp.view(b, max(length - 1, 0))
+    shape = (b, max(length - 1, 0))
+    return (lp.view(shape), entropy.view(shape)) if with_entropy else lp.view(shape)
+
+
+def _chunks(head, hidden, targets, temperature, step) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = [_head_logprobs(head, hidden[i : i + step], targets[i : i + step], temperature)
+             for i in range(0, hidden.shape[0], step)]  # fmt: skip
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 class ChunkedLogprobs(torch.autograd.Function):
@@ -87,12 +98,12 @@ class ChunkedLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.head, ctx.temperature, ctx.step = head, temperature, step
         with torch.no_grad():
-            parts = [_head_logprobs(head, hidden[i : i + step], targets[i : i + step], temperature)
-                     for i in range(0, hidden.shape[0], step)]  # fmt: skip
-        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+            lp, entropy = _chunks(head, hidden, targets, temperature, step)
+        ctx.mark_non_differentiable(entropy)
+        return lp, entropy
 
     @staticmethod
-    def backward(ctx, grad_lp):
+    def backward(ctx, grad_lp, _grad_entropy):
         hidden, weight, bias, targets = ctx.saved_tensors
         head, step = ctx.head, ctx.step
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -102,7 +113,7 @@ class ChunkedLogprobs(torch.autograd.Function):
             h = hidden[i : i + step]
             with torch.enable_grad():
                 z = torch.nn.functional.linear(h, weight, bias).detach().requires_grad_()
-                lp = _logprobs(head.post(z), targets[i : i + step], ctx.temperature)
+                lp, _ = _logprobs(head.post(z), targets[i : i + step], ctx.temperature, entropy=False)
                 (grad_z,) = torch.autograd.grad(lp, z, grad_lp[i : i + step])
             if grad_hidden is not None:
                 torch.mm(grad_z, weight, out=grad_hidden[i : i + step])
@@ -118,7 +129,7 @@ def _checkpointed(head, hidden, targets, temperature, step):
     module per chunk and let activation checkpointing recompute the chunk in the backward pass."""
     parts = [checkpoint(_head_logprobs, head, hidden[i : i + step], targets[i : i + step], temperature,
                         use_reentrant=False) for i in range(0, hidden.shape[0], step)]  # fmt: skip
-    return torch.cat(parts)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def full_logits_token_logprobs(
@@ -127,13 +138,15 @@ def full_logits_token_logprobs(
     attention_mask: torch.Tensor | None,
     temperature: float = 1.0,
     position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """token_logprobs from the model's logits of every position at once: for models whose forward
     cannot stop short of the logits (no `logits_to_keep`), and the baseline bench.learner_memory
     measures against."""
     extra = {} if position_ids is None else {"position_ids": position_ids}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
-    return _logprobs(logits[:, :-1], input_ids[:, 1:], temperature)
+    lp, entropy = _logprobs(logits[:, :-1], input_ids[:, 1:], temperature, entropy=with_entropy)
+    return (lp, entropy) if with_entropy else lp
 
 
 class OutputHead:
@@ -177,16 +190,25 @@ class OutputHead:
             )
 
 
-def _head_logprobs(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _head_logprobs(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
     return _logprobs(head(hidden), targets, temperature)
 
 
-def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logsumexp + gather rather than a log_softmax: one logits-sized tensor instead of two."""
+def _logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs of targets, entropy or None). logsumexp + gather rather than a log_softmax: one
+    logits-sized tensor instead of two."""
     logits = logits.float()
     if temperature != 1.0:  # the policy is the distribution the engines sample from
         logits = logits / temperature
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return lp, None
+    with torch.no_grad():
+        z = logits.detach()
+        return lp, lse.detach() - (torch.softmax(z, -1) * z).sum(-1)
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:

@@ -96,13 +96,18 @@ def pack(input_ids: torch.Tensor, lengths: list[int], rows: list[list[int]], pad
     return PackedRows(ids, pos, source)
 
 
-def packed_token_logprobs(model: torch.nn.Module, packed: PackedRows, temperature: float = 1.0) -> torch.Tensor:
-    """token_logprobs of the packed sequences, in the padded (n, L-1) layout (0 off the
-    sequences). No attention mask is passed on purpose: the model then derives the
+def packed_token_logprobs(
+    model: torch.nn.Module, packed: PackedRows, temperature: float = 1.0, with_entropy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """token_logprobs of the packed sequences (and their entropies), in the padded (n, L-1) layout
+    (0 off the sequences). No attention mask is passed on purpose: the model then derives the
     block-diagonal causal mask from the restarting position_ids."""
-    lp = token_logprobs(model, packed.input_ids, None, temperature, position_ids=packed.position_ids)
-    flat = torch.cat([lp.reshape(-1), lp.new_zeros(1)])
-    return flat[packed.source]
+    out = token_logprobs(model, packed.input_ids, None, temperature, packed.position_ids, with_entropy=with_entropy)
+
+    def unpacked(values: torch.Tensor) -> torch.Tensor:
+        return torch.cat([values.reshape(-1), values.new_zeros(1)])[packed.source]
+
+    return tuple(unpacked(t) for t in out) if with_entropy else unpacked(out)
 
 
 def padded_cost(lengths: list[int] | np.ndarray, micro: list[list[int]]) -> int:

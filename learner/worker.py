@@ -151,7 +151,7 @@ class LearnerWorker:
         lag_kl = LagKL()  # KL(sampler || current policy) by lag, against the sampler's own log-probs
         for _, micro, packed in self._micro_batches(batch, backward):
             t0 = time.perf_counter()
-            logprobs = self._logprobs(micro, packed)
+            logprobs, entropy = self._logprobs(micro, packed, with_entropy=True)
             computed += micro.input_ids.numel() if packed is None else packed.computed_tokens
             t1 = time.perf_counter()
             mask = micro.response_mask.to(self.device)
@@ -189,6 +189,7 @@ class LearnerWorker:
                 else:
                     sums[k] = sums.get(k, 0.0) + v * weight
             sums["loss_share"] = sums.get("loss_share", 0.0) + float(loss.detach()) * share
+            sums["actor/entropy"] = sums.get("actor/entropy", 0.0) + float((entropy * mask).sum())
         out = {k: v / max(weight_total, 1.0) for k, v in sums.items() if k != "loss_share"}
         out.update(extremes)
         out["actor/loss"] = sums.get("loss_share", 0.0)  # this rank's part of the batch loss
@@ -210,7 +211,7 @@ class LearnerWorker:
         self.engine.eval()
         out = torch.zeros_like(batch.behavior_logprobs)
         for rows, micro, packed in self._micro_batches(batch, backward=False):
-            lp = self._logprobs(micro, packed)
+            lp, _ = self._logprobs(micro, packed, with_entropy=False)
             out[torch.tensor(rows).unsqueeze(-1), torch.arange(lp.shape[1])] = lp.float().cpu()
         return out
 
@@ -231,12 +232,18 @@ class LearnerWorker:
             if backward:
                 self.engine.backward(lp.sum() * 0.0, scale_wrt_gas=False)
 
-    def _logprobs(self, micro: TrainBatch, packed: PackedRows | None) -> torch.Tensor:
-        """(rows, L-1) log-probs of a micro-batch in its padded layout, computed packed or padded."""
+    def _logprobs(
+        self, micro: TrainBatch, packed: PackedRows | None, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows, L-1) log-probs of a micro-batch in its padded layout, computed packed or padded,
+        and the policy's entropy at each position when asked (the `actor/entropy` metric)."""
+        temperature = self.cfg.policy_temperature
         if packed is not None:
-            return packed_token_logprobs(self.engine, packed.to(self.device), self.cfg.policy_temperature)
-        ids, attn = micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
-        return token_logprobs(self.engine, ids, attn, self.cfg.policy_temperature)
+            out = packed_token_logprobs(self.engine, packed.to(self.device), temperature, with_entropy)
+        else:
+            ids, attn = micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
+            out = token_logprobs(self.engine, ids, attn, temperature, with_entropy=with_entropy)
+        return out if with_entropy else (out, None)
 
     def _share(self, micro: TrainBatch, totals: dict[str, float]) -> float:
         """This micro-batch's weight in the whole batch's aggregate (see row weights in

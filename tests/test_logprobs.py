@@ -4,6 +4,8 @@ any temperature, and models that post-process their logits."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -131,3 +133,17 @@ def test_the_zero3_path_checkpoints_the_head_module_and_matches(monkeypatch):
     ids, mask, _ = padded_batch()
     assert_same(grads_of(model, lambda: token_logprobs(model, ids, mask, 0.7, chunk_tokens=5)),
                 grads_of(model, lambda: full_logits_logprobs(model, ids, mask, 0.7)))  # fmt: skip
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_entropy_is_that_of_the_tempered_next_token_distribution(chunked, monkeypatch):
+    if not chunked:  # a model whose forward cannot stop short of the logits takes them whole
+        monkeypatch.setattr("learner.logprobs.inspect.signature", lambda fn: inspect.Signature())
+    model = llama(tied=False)
+    ids, mask, _ = padded_batch()
+    lp, entropy = token_logprobs(model, ids, mask, 0.7, chunk_tokens=6, with_entropy=True)
+    with torch.no_grad():
+        logp = (model(input_ids=ids, attention_mask=mask).logits[:, :-1].float() / 0.7).log_softmax(-1)
+    assert torch.allclose(entropy, -(logp.exp() * logp).sum(-1), atol=TOL, rtol=0)
+    assert torch.allclose(lp.detach(), full_logits_logprobs(model, ids, mask, 0.7), atol=TOL, rtol=0)
+    assert not entropy.requires_grad and lp.requires_grad
