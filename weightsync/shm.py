@@ -187,9 +187,13 @@ def local_ranks(
     if rank == 0:
         probe, nonce = None, secrets.token_bytes(16)
         if same_node is not False and world_size > 1:
-            probe = region_cls.create(4096, device)
-            probe.buffer[: len(nonce)].copy_(torch.frombuffer(bytearray(nonce), dtype=torch.uint8))
-            probe.written()
+            try:
+                probe = region_cls.create(4096, device)
+            except (OSError, RuntimeError):
+                pass  # no shared memory here (no /dev/shm): every receiver gets the broadcast
+            else:
+                probe.buffer[: len(nonce)].copy_(torch.frombuffer(bytearray(nonce), dtype=torch.uint8))
+                probe.written()
         offer = {"node": node_id(), "handle": probe.handle, "nonce": nonce.hex()} if probe else {}
         store.set(f"{_KEY}/offer", json.dumps(offer))
         try:
@@ -254,7 +258,13 @@ class SameNode:
         self.generation += 1
         key = f"{_KEY}/region/{self.generation}"
         if self.rank == 0:
-            region = self.region_cls.create(total, self.device)
+            try:
+                region = self.region_cls.create(total, self.device)
+            except (OSError, RuntimeError) as err:
+                why = (f"no room for a {total / 1e6:.0f} MB weight region ({err}): give {SHM_DIR} more space "
+                       "(containers: --shm-size) or set learner.weight_sync_shm: false")  # fmt: skip
+                self.store.set(key, json.dumps({"error": why}))  # the receivers fail now, not at a timeout
+                raise RuntimeError(why) from err
             try:
                 self.store.set(key, json.dumps(region.handle))
                 self._barrier()  # every local receiver has mapped it
@@ -262,7 +272,10 @@ class SameNode:
                 region.unlink()  # the name is gone: nothing to leak if any process dies from here on
             self.store.delete_key(key)
         else:
-            region = self.region_cls.attach(json.loads(self.store.get(key)), total)
+            handle = json.loads(self.store.get(key))
+            if "error" in handle:
+                raise RuntimeError(f"learner rank 0 made no weight region: {handle['error']}")
+            region = self.region_cls.attach(handle, total)
             self._barrier()
         self.region = region
         return offsets
