@@ -17,6 +17,7 @@ Parameters counted: every weight matrix once, the tied embedding included, as th
 its lookup is free, but the LM head is a (576 x 49152) matmul for every token, ~21% of the
 model's FLOPs at this size. Attention-score FLOPs (QK^T, AV) are not counted (~2-3% here).
 Run: .venv/bin/python -m bench.real_model [--prompts 8 --samples 8 --max-new-tokens 64 --steps 2]
+(--preload-ab 2: the engine alone, rollout.preload_libs off and auto alternating, and their ratio)
 """
 
 from __future__ import annotations
@@ -102,19 +103,22 @@ def rendered_prompts(path: str, count: int, seed: int) -> tuple[list[list[int]],
     return ids, [r["reward_model"]["ground_truth"] for r in rows]
 
 
-async def run_engine(path: str, prompts: list[list[int]], warm: list[int], args) -> dict:
+async def run_engine(path: str, prompts: list[list[int]], warm: list[int], args, preload: str | None = None) -> dict:
     from rollout.config import RolloutConfig
+    from rollout.preload import loaded_in_children
     from rollout.vllm_engine import VllmEngine
 
     longest = max(len(p) for p in [*prompts, warm])
     cfg = RolloutConfig(
         model_path=path, dtype="float32", n=args.samples, max_new_tokens=args.max_new_tokens,
         max_model_len=longest + args.max_new_tokens + 16, max_num_seqs=args.max_num_seqs, seed=0,
+        **({"preload_libs": preload} if preload else {}),
     )  # fmt: skip
     engine = VllmEngine(cfg)
     started = time.perf_counter()
     await engine.start()
     startup = time.perf_counter() - started
+    iomp = loaded_in_children("libiomp5")
     try:
         await engine.generate(warm, 1, "warm")  # one sample of a prompt not in the timed set
         begin = time.perf_counter()
@@ -122,7 +126,7 @@ async def run_engine(path: str, prompts: list[list[int]], warm: list[int], args)
         seconds = time.perf_counter() - begin
     finally:
         await engine.shutdown()
-    return {"startup_s": startup, "seconds": seconds, "groups": groups, "max_num_seqs": cfg.max_num_seqs}
+    return {"startup_s": startup, "seconds": seconds, "groups": groups, "max_num_seqs": cfg.max_num_seqs, "iomp": iomp}
 
 
 def learner_rows(prompts: list[list[int]], rows: int, response: int, vocab: int, group: int, seed: int = 0):
@@ -192,6 +196,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed learner steps after one warm-up step")
     parser.add_argument("--micro-batch-tokens", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0, help="word problem seed")
+    parser.add_argument("--preload", choices=("auto", "off"), default=None, help="rollout.preload_libs of the engine")
+    parser.add_argument("--preload-ab", type=int, default=0, metavar="ROUNDS",
+                        help="only the engine: rounds of preload off and auto, and their tokens/s ratio")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
@@ -219,8 +226,10 @@ def main() -> None:
     # 1. engine
     lim_engine = limits(train_tokens, decode_batch)
     say(limits_line("before the engine", lim_engine, train_tokens, decode_batch))
+    if args.preload_ab:
+        return preload_ab(path, prompts, warm, answers, args, n_params, train_tokens)
     log("starting the vLLM engine")
-    eng = asyncio.run(run_engine(path, prompts, warm, args))
+    eng = asyncio.run(run_engine(path, prompts, warm, args, args.preload))
     tok = AutoTokenizer.from_pretrained(path)
     completions = [c for group in eng["groups"] for c in group]
     generated = sum(len(c.token_ids) for c in completions)
@@ -273,6 +282,45 @@ def main() -> None:
         f"{engine_frac:.1%} of its {tighter} roof; learner {learner_tps:.0f} tokens/s = "
         f"{learner_tps / learner_roof:.1%} of its compute roof; "
         f"engine / learner tokens/s {engine_tps / learner_tps:.1f}x"
+    )
+
+
+def preload_ab(path, prompts, warm, answers, args, n_params: int, rows: int) -> None:
+    """Engine tokens/s with rollout.preload_libs off and auto, alternating in one process (ABBA
+    rounds cancel a drift in the machine's load); medians per mode and their ratio. The GEMM
+    roof is measured again before each engine, as the cores are shared."""
+    from transformers import AutoTokenizer
+
+    from rollout.preload import find_libs
+    from rollout.tasks import word_problems
+
+    tok = AutoTokenizer.from_pretrained(path)
+    prompt_tokens = sum(len(p) for p in prompts)
+    say(f"preload A/B: auto preloads {find_libs() or 'nothing (none found)'}")
+    rates: dict[str, list[float]] = {"off": [], "auto": []}
+    for r in range(args.preload_ab):
+        for mode in ("off", "auto") if r % 2 == 0 else ("auto", "off"):
+            log(f"round {r + 1}: engine with preload {mode}")
+            gemm, load = gemm_flops(rows), os.getloadavg()[0]
+            eng = asyncio.run(run_engine(path, prompts, warm, args, mode))
+            done = [(c, a) for group, a in zip(eng["groups"], answers, strict=True) for c in group]
+            generated = sum(len(c.token_ids) for c, _ in done)
+            right = statistics.mean(word_problems.reward(tok.decode(c.token_ids, skip_special_tokens=True), a)
+                                    for c, a in done)  # fmt: skip
+            rates[mode].append(generated / eng["seconds"])
+            roof = generated / (2 * n_params * (generated + prompt_tokens) / gemm)
+            say(
+                f"round {r + 1} preload {mode} (load {load:.1f}): libiomp5 in the engine process "
+                f"{'yes' if eng['iomp'] else 'no'}; "
+                f"{generated} tokens in {eng['seconds']:.1f}s = {rates[mode][-1]:.0f} tokens/s "
+                f"({rates[mode][-1] / roof:.1%} of compute roof); answered right {right:.1%}"
+            )
+    off, auto = statistics.median(rates["off"]), statistics.median(rates["auto"])
+    rounds = ", ".join(f"{a / o:.2f}" for a, o in zip(rates["auto"], rates["off"], strict=True))
+    say(
+        f"summary (load average {os.getloadavg()[0]:.1f} at the end): engine tokens/s, median of "
+        f"{args.preload_ab}: preload off {off:.0f}, auto {auto:.0f}; auto / off {auto / off:.2f}x "
+        f"(each round: {rounds})"
     )
 
 

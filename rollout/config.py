@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from configtypes import AtLeast0, AtLeast1, ConfigError, NonNegative, Positive, section
+from rollout.preload import PreloadLibs
 from runtime.cores import Cores
 
 Backend = Literal["vllm", "transformers", "auto"]
@@ -40,6 +41,9 @@ class RolloutConfig:
     kv_cache_gb: Positive = 1.0
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.85
     tensor_parallel_size: AtLeast1 = 1
+    # CPU vLLM: LD_PRELOAD libiomp5 and tcmalloc, where found, into the engine process (rollout.preload;
+    # docs/benchmarks.md has the gain); off leaves vLLM to preload torch's libgomp itself
+    preload_libs: PreloadLibs = "auto"
     enforce_eager: bool = True  # CUDA graphs off: faster start, slower decode; set False for long GPU runs
     # transformers fallback: tokens generated between checks for a pending weight update
     hf_chunk_tokens: AtLeast1 = 16

@@ -18,6 +18,7 @@ import torch
 
 from rollout.config import RolloutConfig
 from rollout.engine import imposed_lengths, resolve_dtype
+from rollout.preload import engine_preload
 from rollout.records import Completion
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class VllmEngine:
             disable_log_stats=True,
         )
         started = time.perf_counter()
-        self.llm = AsyncLLM.from_engine_args(args)
+        with engine_preload(cfg.preload_libs if not on_gpu else "off"):  # the engine process starts in here
+            self.llm = AsyncLLM.from_engine_args(args)
         try:
             await self.llm.update_weight_version(str(self.version))
             await self._smoke_test()

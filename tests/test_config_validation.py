@@ -76,6 +76,7 @@ BAD = [
     ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization must be in (0, 1], got 1.5"),
     ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size must be >= 1, got 0"),
     ("rollout.enforce_eager=maybe", "rollout.enforce_eager: expected true or false, got 'maybe'"),
+    ("rollout.preload_libs=always", "rollout.preload_libs must be 'auto' or 'off', got 'always'"),
     ("rollout.hf_chunk_tokens=0", "rollout.hf_chunk_tokens must be >= 1, got 0"),
     ("rollout.num_cpus=-1", "rollout.num_cpus must be >= 0, got -1"),
     ("rollout.num_gpus=-1", "rollout.num_gpus must be >= 0, got -1"),
