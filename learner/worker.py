@@ -232,17 +232,14 @@ class LearnerWorker:
             if backward:
                 self.engine.backward(lp.sum() * 0.0, scale_wrt_gas=False)
 
-    def _logprobs(
-        self, micro: TrainBatch, packed: PackedRows | None, with_entropy: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _logprobs(self, micro: TrainBatch, packed: PackedRows | None, with_entropy: bool) -> tuple:
         """(rows, L-1) log-probs of a micro-batch in its padded layout, computed packed or padded,
-        and the policy's entropy at each position when asked (the `actor/entropy` metric)."""
-        temperature = self.cfg.policy_temperature
+        and the entropy at each position (for `actor/entropy`) or None."""
+        temp, ids, attn = self.cfg.policy_temperature, micro.input_ids.to(self.device), micro.attention_mask
         if packed is not None:
-            out = packed_token_logprobs(self.engine, packed.to(self.device), temperature, with_entropy)
+            out = packed_token_logprobs(self.engine, packed.to(self.device), temp, with_entropy)
         else:
-            ids, attn = micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
-            out = token_logprobs(self.engine, ids, attn, temperature, with_entropy=with_entropy)
+            out = token_logprobs(self.engine, ids, attn.to(self.device), temp, with_entropy=with_entropy)
         return out if with_entropy else (out, None)
 
     def _share(self, micro: TrainBatch, totals: dict[str, float]) -> float:
@@ -375,10 +372,8 @@ class LearnerWorker:
         """The bucket layout of the full weights (names, dtypes, unpartitioned shapes)."""
         from weightsync.transport import TensorSpec, plan_buckets, plan_to_wire
 
-        specs = [
-            TensorSpec(n, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
-            for n, p in self.engine.module.named_parameters()
-        ]
+        specs = [TensorSpec(n, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
+                 for n, p in self.engine.module.named_parameters()]  # fmt: skip
         return plan_to_wire(plan_buckets(specs, self.broadcaster.bucket_bytes))
 
     def broadcast_weights(self, wire_plan: list) -> dict[str, float]:
@@ -387,15 +382,12 @@ class LearnerWorker:
         rank 0 sends."""
         from weightsync.transport import plan_from_wire
 
-        stats = None
         named = self._gathered_parameters()
-        if self.rank == 0:
-            stats = self.broadcaster.broadcast(named, plan_from_wire(wire_plan))
-        else:
+        if self.rank != 0:
             for _ in named:  # take part in the gathers
                 pass
-        if stats is None:
             return {}
+        stats = self.broadcaster.broadcast(named, plan_from_wire(wire_plan))
         return {"sync/bytes": float(stats.bytes), "sync/seconds": stats.seconds, "sync/bytes_per_s": stats.bytes_per_s}
 
     def _gathered_parameters(self):

@@ -71,7 +71,7 @@ def assert_same(a, b):
 def test_padded_rows_match_full_logits_in_values_and_gradients(tied, temperature):
     model = llama(tied)
     ids, mask, _ = padded_batch()
-    chunked = grads_of(model, lambda: token_logprobs(model, ids, mask, temperature, chunk_tokens=7))
+    chunked = grads_of(model, lambda: token_logprobs(model, ids, mask, temperature, chunk_bytes=1000))
     full = grads_of(model, lambda: full_logits_logprobs(model, ids, mask, temperature))
     assert_same(chunked, full)
     assert model.lm_head.weight.grad is not None  # the output layer learns through the chunks
@@ -103,14 +103,14 @@ def test_chunk_size_does_not_change_the_result_and_no_grad_matches():
     ids, mask, _ = padded_batch()
     with torch.no_grad():
         whole = full_logits_logprobs(model, ids, mask)
-        for chunk in (1, 5, 16, 10_000, None):
-            assert torch.allclose(token_logprobs(model, ids, mask, chunk_tokens=chunk), whole, atol=TOL, rtol=0)
+        for chunk in (1, 500, 4000, 10**9):  # one vocabulary entry per slice .. all of it at once
+            assert torch.allclose(token_logprobs(model, ids, mask, chunk_bytes=chunk), whole, atol=TOL, rtol=0)
 
 
 def test_soft_capped_logits_are_repeated_by_the_head():
     model = gemma2()
     ids, mask, _ = padded_batch()
-    assert_same(grads_of(model, lambda: token_logprobs(model, ids, mask, 0.9, chunk_tokens=6)),
+    assert_same(grads_of(model, lambda: token_logprobs(model, ids, mask, 0.9, chunk_bytes=700)),
                 grads_of(model, lambda: full_logits_logprobs(model, ids, mask, 0.9)))  # fmt: skip
 
 
@@ -131,7 +131,7 @@ def test_the_zero3_path_checkpoints_the_head_module_and_matches(monkeypatch):
     monkeypatch.setattr(OutputHead, "partitioned", property(lambda self: True))
     model = llama(tied=True)
     ids, mask, _ = padded_batch()
-    assert_same(grads_of(model, lambda: token_logprobs(model, ids, mask, 0.7, chunk_tokens=5)),
+    assert_same(grads_of(model, lambda: token_logprobs(model, ids, mask, 0.7, chunk_bytes=6000)),
                 grads_of(model, lambda: full_logits_logprobs(model, ids, mask, 0.7)))  # fmt: skip
 
 
@@ -141,7 +141,7 @@ def test_entropy_is_that_of_the_tempered_next_token_distribution(chunked, monkey
         monkeypatch.setattr("learner.logprobs.inspect.signature", lambda fn: inspect.Signature())
     model = llama(tied=False)
     ids, mask, _ = padded_batch()
-    lp, entropy = token_logprobs(model, ids, mask, 0.7, chunk_tokens=6, with_entropy=True)
+    lp, entropy = token_logprobs(model, ids, mask, 0.7, chunk_bytes=700, with_entropy=True)
     with torch.no_grad():
         logp = (model(input_ids=ids, attention_mask=mask).logits[:, :-1].float() / 0.7).log_softmax(-1)
     assert torch.allclose(entropy, -(logp.exp() * logp).sum(-1), atol=TOL, rtol=0)
