@@ -8,7 +8,9 @@ at all. A variant's logits' share of peak memory is then (its peak - no-head's p
 
 Memory is the process's resident peak (VmHWM, reset before each measured step) with glibc told
 to map every allocation over 64 KiB on its own, so freed tensors leave the resident set and the
-peak is what one step really held. A step is what the learner does per batch: pi_old (no
+peak is what one step really held. That setting makes every allocation fault its pages in
+afresh, which slows many-small-allocation code most, so step times come from a second process
+per variant with the default allocator. A step is what the learner does per batch: pi_old (no
 gradient) and one training step.
 Run: .venv/bin/python -m bench.learner_memory [--rows 16 --response 110]
 """
@@ -108,10 +110,18 @@ def child(model_dir: str, variant: str, rows: int, prompt: int, response: int, s
 
 
 def run_child(model_dir: Path, variant: str, args) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "BENCH_THREADS": str(args.threads)}
+    """The variant's peak memory (allocator returning freed memory) and step times (default allocator)."""
+    memory = _child(model_dir, variant, args, steps=1, extra_env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    timing = _child(model_dir, variant, args, steps=args.steps, extra_env={})
+    return {**memory, "step_s": timing["step_s"], "train_s": timing["train_s"]}
+
+
+def _child(model_dir: Path, variant: str, args, steps: int, extra_env: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env.update(extra_env, BENCH_THREADS=str(args.threads))
     cmd = [sys.executable, "-m", "bench.learner_memory", "--child", str(model_dir), variant,
            "--rows", str(args.rows), "--prompt", str(args.prompt), "--response", str(args.response),
-           "--steps", str(args.steps)]  # fmt: skip
+           "--steps", str(steps)]  # fmt: skip
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{variant} on {model_dir.name} failed:\n{out.stderr[-3000:]}")
@@ -123,7 +133,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--response", type=int, default=110)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="smollm2-135m,vocab-262k")
     parser.add_argument("--child", nargs=2, metavar=("MODEL_DIR", "VARIANT"))
