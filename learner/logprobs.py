@@ -70,13 +70,7 @@ def token_logprobs(
     tokens = max(flat_hidden.shape[0], 1)
     if head.partitioned:
         step = max(1, chunk_bytes // (4 * head.vocab_size))
-        if torch.is_grad_enabled() and flat_hidden.requires_grad:
-            lp, entropy = _checkpointed(head, flat_hidden, flat_targets, temperature, step, with_entropy)
-        else:
-            with torch.no_grad():
-                parts = [_head_logprobs(head, flat_hidden[i : i + step], flat_targets[i : i + step], temperature,
-                                        with_entropy) for i in range(0, flat_hidden.shape[0], step)]  # fmt: skip
-            lp, entropy = _joined(parts, flat_hidden)
+        lp, entropy = _token_chunks(head, flat_hidden, flat_targets, temperature, step, with_entropy)
     else:
         step = max(1, chunk_bytes // (4 * tokens))
         weight, bias = head.layer.weight, head.layer.bias
@@ -135,7 +129,7 @@ class VocabSlicedLogprobs(torch.autograd.Function):
             raw = torch.nn.functional.linear(hidden, w, None if bias is None else bias[start : start + step])
             with torch.enable_grad():
                 raw = raw.detach().requires_grad_(not head.plain or temperature != 1.0)
-                z = head.post(raw).float() / temperature if raw.requires_grad else raw.float()
+                z = _tempered(head, raw, temperature)
             # d lp / d z = onehot(target) - softmax(z), scaled by each token's incoming gradient
             grad_z = z.detach().sub(lse.unsqueeze(1)) if raw.requires_grad else z.sub_(lse.unsqueeze(1))
             grad_z = grad_z.exp_().mul_(-g.unsqueeze(1))
@@ -158,7 +152,12 @@ class VocabSlicedLogprobs(torch.autograd.Function):
 def _slice_logits(head, hidden, weight, bias, start, step, temperature) -> torch.Tensor:
     """float32 tempered logits of vocabulary rows start..start+step for every token."""
     b = None if bias is None else bias[start : start + step]
-    z = head.post(torch.nn.functional.linear(hidden, weight[start : start + step], b)).float()
+    return _tempered(head, torch.nn.functional.linear(hidden, weight[start : start + step], b), temperature)
+
+
+def _tempered(head, raw: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The head's post-processing of raw output-layer values, in float32, over the temperature."""
+    z = head.post(raw).float()
     return z / temperature if temperature != 1.0 else z
 
 
@@ -171,8 +170,14 @@ def _joined(parts: list, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return lp, entropy.detach()
 
 
-def _checkpointed(head, hidden, targets, temperature, step, entropy):
-    """ZeRO-3: the head module per chunk of tokens, each recomputed in the backward pass."""
+def _token_chunks(head, hidden, targets, temperature, step, entropy):
+    """ZeRO-3: the head module per chunk of tokens, each recomputed in the backward pass when a
+    gradient will flow (activation checkpointing), without a graph otherwise."""
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        with torch.no_grad():
+            parts = [_head_logprobs(head, hidden[i : i + step], targets[i : i + step], temperature, entropy)
+                     for i in range(0, hidden.shape[0], step)]  # fmt: skip
+        return _joined(parts, hidden)
     parts = [checkpoint(_head_logprobs, head, hidden[i : i + step], targets[i : i + step], temperature, entropy,
                         use_reentrant=False) for i in range(0, hidden.shape[0], step)]  # fmt: skip
     return _joined(parts, hidden)
