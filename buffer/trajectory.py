@@ -6,7 +6,9 @@ observations), and `loss_mask` is 0 on the environment's tokens, which no object
 their log-probs are 0 and their version tags -1. Versions are per token because partial
 rollouts (generation interrupted by a weight update and resumed under the new weights) mix
 policy versions inside a single response; staleness is measured on the oldest token.
-Records serialise to msgpack with numpy buffers as raw bytes: snapshots and transport never
+For a Mixture-of-Experts model the engine also records the experts its router chose for every
+token it ran through the model (`routed_experts`, one byte per layer and top-k slot), so the
+learner can replay them. Records serialise to msgpack with numpy buffers as raw bytes: snapshots and transport never
 unpickle anything.
 """
 
@@ -24,6 +26,7 @@ _ARRAYS = {
     "behavior_logprobs": np.float32,
     "token_versions": np.int32,
     "loss_mask": np.uint8,
+    "routed_experts": np.uint8,
 }
 
 
@@ -46,10 +49,17 @@ class Trajectory:
     extra: dict[str, Any] = field(default_factory=dict)  # msgpack-able task data (e.g. the answer)
     # (R,) uint8: 1 on the model's tokens (trained), 0 on an environment's; None means all 1
     loss_mask: np.ndarray | None = None
+    # MoE routing as the engine ran it: (P + R - 1, layers, top_k) expert ids, row-major and flat,
+    # for every token but the last (the one never fed back); empty for a dense model or an episode
+    routed_experts: np.ndarray | None = None
+    routing_shape: tuple[int, int] = (0, 0)  # (layers, top_k) of routed_experts
 
     def __post_init__(self) -> None:
         if self.loss_mask is None:
             self.loss_mask = np.ones(len(self.response_ids), np.uint8)
+        if self.routed_experts is None:
+            self.routed_experts = np.zeros(0, np.uint8)
+        self.routing_shape = tuple(self.routing_shape)
         for name, dtype in _ARRAYS.items():
             setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=dtype))
         n = len(self.response_ids)
@@ -58,6 +68,18 @@ class Trajectory:
                 f"trajectory {self.traj_id}: {n} response tokens but {len(self.behavior_logprobs)} "
                 f"log-probs, {len(self.token_versions)} version tags and {len(self.loss_mask)} mask entries"
             )
+        ran, (layers, top_k) = max(len(self.prompt_ids) + n - 1, 0), self.routing_shape
+        if len(self.routed_experts) not in (0, ran * layers * top_k):
+            raise ValueError(
+                f"trajectory {self.traj_id}: {len(self.routed_experts)} routed-expert entries, expected "
+                f"{ran * layers * top_k} ({ran} tokens x {layers} layers x top-{top_k})"
+            )
+
+    def routing(self) -> np.ndarray | None:
+        """The routed experts as (tokens, layers, top_k), or None without any."""
+        if not len(self.routed_experts):
+            return None
+        return self.routed_experts.reshape(-1, *self.routing_shape)
 
     @property
     def model_tokens(self) -> int:
@@ -87,7 +109,7 @@ class Trajectory:
     def from_dict(cls, data: dict[str, Any]) -> Trajectory:
         kwargs = dict(data)
         for name, dtype in _ARRAYS.items():
-            if kwargs.get(name) is None:  # a snapshot written before episodes had a mask
+            if kwargs.get(name) is None:  # a snapshot written before that field existed
                 continue
             kwargs[name] = np.frombuffer(kwargs[name], dtype=dtype).copy()
         return cls(**kwargs)

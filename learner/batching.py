@@ -29,6 +29,9 @@ class TrainBatch:
     token_versions: torch.Tensor  # (B, L-1) int64, -1 off the response
     # (B, L-1) pi_old recomputed by the learner, for the train/inference mismatch correction
     old_logprobs: torch.Tensor | None = None
+    # (B, L, layers, top_k) int16, aligned with input_ids: the experts the engine routed each
+    # token to (MoE), -1 where it recorded none (padding, the last token, episodes); None if dense
+    routed_experts: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -64,7 +67,21 @@ def collate(trajectories: list[Trajectory], advantages: np.ndarray | torch.Tenso
         blp[i, cols] = torch.tensor(t.behavior_logprobs)
         adv[i, cols] = float(a)
         versions[i, cols] = torch.from_numpy(t.token_versions.astype(np.int64))
-    return TrainBatch(ids, attn, resp, blp, adv, versions)
+    return TrainBatch(ids, attn, resp, blp, adv, versions, routed_experts=collate_routing(trajectories, width))
+
+
+def collate_routing(trajectories: list[Trajectory], width: int) -> torch.Tensor | None:
+    shapes = {t.routing_shape for t in trajectories if len(t.routed_experts)}
+    if not shapes:
+        return None
+    if len(shapes) > 1:
+        raise ValueError(f"trajectories of one batch carry routing of different shapes: {sorted(shapes)}")
+    out = torch.full((len(trajectories), width, *shapes.pop()), -1, dtype=torch.int16)
+    for i, t in enumerate(trajectories):
+        routing = t.routing()
+        if routing is not None:
+            out[i, : len(routing)] = torch.from_numpy(routing.astype(np.int16))
+    return out
 
 
 def micro_batches(lengths: list[int] | np.ndarray, token_budget: int) -> list[list[int]]:

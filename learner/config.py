@@ -47,6 +47,9 @@ class LearnerConfig:
     # the tempered policy); unset, the run config derives it from rollout.temperature
     temperature: Positive | None = None
     advantage: Annotated[str, AfterValidator(_known_advantage)] = "grpo"  # the estimator (learner/advantages.py)
+    # MoE models: "rollout" runs every sampled token through the experts the engine routed it to
+    # (gate weights still from the learner's router, so it keeps learning); docs/learner.md
+    routing_replay: Literal["off", "rollout"] = "off"
     normalize_adv_std: bool = True  # GRPO advantages divided by the group std
     num_cpus_per_worker: NonNegative = 1.0
     num_gpus_per_worker: NonNegative = 0.0

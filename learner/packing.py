@@ -35,9 +35,11 @@ class PackedRows:
     input_ids: torch.Tensor  # (R, W) int64, padded rows' tokens back to back
     position_ids: torch.Tensor  # (R, W) int64, 0.. per sequence; each row tail is one more run from 0
     source: torch.Tensor  # (n, L-1) int64
+    routed_experts: torch.Tensor | None = None  # (R, W, layers, top_k) int16, -1 where none (MoE)
 
     def to(self, device: torch.device | str) -> PackedRows:
-        return PackedRows(*(t.to(device) for t in (self.input_ids, self.position_ids, self.source)))
+        routed = None if self.routed_experts is None else self.routed_experts.to(device)
+        return PackedRows(*(t.to(device) for t in (self.input_ids, self.position_ids, self.source)), routed)
 
     @property
     def computed_tokens(self) -> int:
@@ -73,9 +75,13 @@ def plan(lengths: list[int] | np.ndarray, token_budget: int) -> list[list[list[i
     return alone + micro
 
 
-def pack(input_ids: torch.Tensor, lengths: list[int], rows: list[list[int]], pad_id: int = 0) -> PackedRows:
+def pack(
+    input_ids: torch.Tensor, lengths: list[int], rows: list[list[int]], pad_id: int = 0,
+    routed: torch.Tensor | None = None,
+) -> PackedRows:  # fmt: skip
     """Lay the sequences of padded `input_ids` (n, L) out in `rows` (indices into it, as `plan`
-    makes them for one micro-batch): the packed width is the fullest row's token count."""
+    makes them for one micro-batch): the packed width is the fullest row's token count. `routed`
+    (n, L, layers, top_k), the engine's experts per token, is laid out the same way."""
     n, width_in = input_ids.shape
     width = max(sum(lengths[i] for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=input_ids.dtype)
@@ -83,17 +89,20 @@ def pack(input_ids: torch.Tensor, lengths: list[int], rows: list[list[int]], pad
     out_cols = max(width_in - 1, 1)
     missing = len(rows) * (width - 1)  # the zero appended after the flat packed log-probs
     source = torch.full((n, out_cols), missing, dtype=torch.long)
+    experts = None if routed is None else routed.new_full((len(rows), width, *routed.shape[2:]), -1)
     for r, row in enumerate(rows):
         start = 0
         for i in row:
             length = lengths[i]
             ids[r, start : start + length] = input_ids[i, :length]
+            if experts is not None:
+                experts[r, start : start + length] = routed[i, :length]
             pos[r, start : start + length] = torch.arange(length)
             # column j predicts token j + 1: within a sequence, packed column start + j
             source[i, : length - 1] = r * (width - 1) + start + torch.arange(length - 1)
             start += length
         pos[r, start:] = torch.arange(width - start)
-    return PackedRows(ids, pos, source)
+    return PackedRows(ids, pos, source, experts)
 
 
 def packed_token_logprobs(
@@ -137,4 +146,4 @@ def micro_batches_of(
             local.append(list(range(k, k + len(row))))
             k += len(row)
         micro = trim(batch.rows(rows))
-        yield rows, micro, pack(micro.input_ids, [lengths[i] for i in rows], local)
+        yield rows, micro, pack(micro.input_ids, [lengths[i] for i in rows], local, routed=micro.routed_experts)

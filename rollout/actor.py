@@ -239,6 +239,8 @@ class RolloutActor:
             engine_id=self.engine_id,
             timings={"generate": gen_s, "reward": reward_s},
             extra=extra,
+            routed_experts=None if c.routed_experts is None else c.routed_experts.reshape(-1),
+            routing_shape=(0, 0) if c.routed_experts is None else c.routed_experts.shape[1:],
         )
 
     # -- weights ------------------------------------------------------------------------------

@@ -52,6 +52,16 @@ class Engine(Protocol):
     def num_receivers(self) -> int: ...
 
 
+def moe_experts(model_path: str) -> int:
+    """Routed experts per MoE layer of the model at model_path (0 for a dense model), from its
+    config as the families name it (Qwen-MoE and OLMoE, Mixtral, DeepSeek)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path).get_text_config()
+    return int(next((getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                     if getattr(config, k, None)), 0))  # fmt: skip
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

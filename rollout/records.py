@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from buffer.trajectory import Trajectory
 
 
@@ -32,6 +34,8 @@ class Completion:
     finish_reason: str
     version_start: int
     version_end: int
+    # MoE: the experts the engine routed each token to, (prompt + response - 1, layers, top_k) uint8
+    routed_experts: np.ndarray | None = None
 
 
 @dataclass

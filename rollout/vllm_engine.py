@@ -3,7 +3,9 @@
 Behaviour log-probs are vLLM's "processed" log-probs of the sampled token (after temperature,
 top-k and top-p: the distribution the token was actually drawn from). Version tags come from
 vLLM's own per-token weight-version spans: the engine's version is set while generation is
-paused, so every token is attributed to the weights that produced it.
+paused, so every token is attributed to the weights that produced it. For a Mixture-of-Experts
+model the engine also returns the experts it routed every token to (vLLM's
+`enable_return_routed_experts`), which the learner can replay (`learner.routing_replay`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from rollout.config import RolloutConfig
-from rollout.engine import imposed_lengths, resolve_dtype
+from rollout.engine import imposed_lengths, moe_experts, resolve_dtype
 from rollout.preload import engine_preload
 from rollout.records import Completion
 
@@ -34,6 +37,7 @@ class VllmEngine:
         self.version = 0
         self.llm = None
         self._update_lock = asyncio.Lock()
+        self.moe = False  # the model routes tokens to experts: the engine returns its routing
 
     @property
     def num_receivers(self) -> int:
@@ -44,6 +48,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         cfg = self.cfg
+        self.moe = moe_experts(cfg.model_path) > 0
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             # vLLM reads these when its engine process starts: KV cache size, and no core pinning
@@ -64,6 +69,7 @@ class VllmEngine:
             logprobs_mode="processed_logprobs",
             worker_extension_cls=EXTENSION,
             disable_log_stats=True,
+            enable_return_routed_experts=self.moe,
         )
         started = time.perf_counter()
         with engine_preload(cfg.preload_libs if not on_gpu else "off"):  # the engine process starts in here
@@ -127,7 +133,8 @@ class VllmEngine:
             final = out
         if final is None:
             raise RuntimeError(f"vLLM returned nothing for request {request_id}")
-        return [_completion(c, version_start, self.version) for c in final.outputs]
+        return [_completion(c, version_start, self.version, len(prompt_ids) if self.moe else None)
+                for c in final.outputs]  # fmt: skip
 
     async def init_weight_group(
         self, host: str, port: int, rank_offset: int, world_size: int, backend: str, secret: str, bind: str
@@ -194,7 +201,22 @@ class _Paused:
             self.engine._update_lock.release()
 
 
-def _completion(c, version_start: int, version_end: int) -> Completion:
+def _routing(c, prompt_tokens: int) -> np.ndarray | None:
+    """The routed experts of every token the engine ran (the prompt, then each sampled token but
+    the last) as uint8 (tokens, layers, top_k)."""
+    routed = getattr(c, "routed_experts", None)
+    if routed is None:
+        return None
+    routed = np.asarray(routed)
+    expected = prompt_tokens + len(c.token_ids) - 1
+    if routed.ndim != 3 or routed.shape[0] < expected:
+        raise RuntimeError(f"vLLM returned routed experts of shape {routed.shape} for {expected} tokens")
+    if routed.size and routed.max() > 255:
+        raise RuntimeError("routing replay stores expert ids in one byte: models with over 256 experts per layer")
+    return np.ascontiguousarray(routed[:expected], dtype=np.uint8)
+
+
+def _completion(c, version_start: int, version_end: int, prompt_tokens: int | None = None) -> Completion:
     tokens = list(c.token_ids)
     logprobs = [float(step[tok].logprob) for tok, step in zip(tokens, c.logprobs or [], strict=False)]
     if len(logprobs) != len(tokens):
@@ -206,4 +228,5 @@ def _completion(c, version_start: int, version_end: int) -> Completion:
         # The tags are the truth: our coroutine may only see the final output after a later swap
         # bumped self.version, and a request queued behind a swap starts under the new version.
         version_start, version_end = versions[0], versions[-1]
-    return Completion(tokens, logprobs, versions, c.finish_reason or "abort", version_start, version_end)
+    routing = _routing(c, prompt_tokens) if prompt_tokens is not None else None
+    return Completion(tokens, logprobs, versions, c.finish_reason or "abort", version_start, version_end, routing)

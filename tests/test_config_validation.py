@@ -104,6 +104,7 @@ BAD = [
     ("learner.normalize_adv_std=maybe", "learner.normalize_adv_std: expected true or false, got 'maybe'"),
     ("learner.pack_sequences=maybe", "learner.pack_sequences: expected true or false, got 'maybe'"),
     ("learner.weight_sync_shm=sometimes", "learner.weight_sync_shm: expected true or false, got 'sometimes'"),
+    ("learner.routing_replay=always", "learner.routing_replay must be 'off' or 'rollout', got 'always'"),
     ("learner.cpu_cores=[[]]", "learner.cpu_cores[0] must hold at least 1 item(s), got 0"),
     ("learner.num_cpus_per_worker=-1", "learner.num_cpus_per_worker must be >= 0, got -1"),
     ("learner.num_gpus_per_worker=-1", "learner.num_gpus_per_worker must be >= 0, got -1"),

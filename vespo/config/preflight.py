@@ -56,6 +56,8 @@ def check(cfg: RunConfig, need_eval: bool | None = None, training: bool = True) 
         raise PreflightError(f"model: {err}") from err
     architecture = _architecture(model_path)
     tokenizer = _tokenizer(model_path)
+    if cfg.learner.routing_replay == "rollout":
+        _check_routing_replay(cfg, model_path)
     try:
         task = make_task(cfg.task)
         train, held_out = task.samples("train"), task.samples("eval")
@@ -110,6 +112,18 @@ def _check_episodes(cfg: RunConfig, tokenizer) -> None:
         check_tool_specs(cfg.task.tools)
     except ValueError as err:
         raise PreflightError(f"task.tools: {err}") from err
+
+
+def _check_routing_replay(cfg: RunConfig, model_path: str) -> None:
+    from rollout.engine import moe_experts
+
+    key = "learner.routing_replay rollout"
+    if not moe_experts(model_path):
+        raise PreflightError(f"{key} needs a Mixture-of-Experts model; {cfg.model} has no experts")
+    if cfg.rollout.backend != "vllm":
+        raise PreflightError(f"{key} needs rollout.backend vllm (the engine that returns its routing)")
+    if cfg.task.name == "env":
+        raise PreflightError(f"{key}: multi-turn episodes (task.name env) carry no engine routing")
 
 
 def _architecture(model_path: str) -> str:
