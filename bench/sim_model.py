@@ -1,5 +1,6 @@
 """The cost model behind bench.simulate: how long decoding, a learner step and a weight
-broadcast take for a 7B model on H100s, and how long the responses are.
+broadcast take for a 7B model on H100s (or another profile of vespo/config/model_profile.py:
+`CostModel.of`), and how long the responses are.
 
 Every number is a named constant with where it comes from. Published measurements are used
 where one exists; the rest is derived from the hardware's datasheet limits and says so. The
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vespo.config.model_profile import QWEN25_7B, ModelProfile, zero3_traffic_bytes
+
 # -- the model: Qwen2.5-7B, the base of the 7B runs the async-RL papers report ----------------
-PARAMS = 7.61e9  # Qwen2.5-7B model card: 7.61B parameters
-WEIGHT_BYTES = 2 * PARAMS  # bf16 weights: what one decode step reads and one broadcast sends
-LAYERS, KV_HEADS, HEAD_DIM = 28, 4, 128  # Qwen2.5-7B config.json (grouped-query attention)
-KV_BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2  # K and V in bf16: 57,344 B per token
+# (its shape and sources: vespo/config/model_profile.py)
+PARAMS = QWEN25_7B.params  # 7.61B
+WEIGHT_BYTES = QWEN25_7B.weight_bytes  # bf16 weights: what one decode step reads and one broadcast sends
+KV_BYTES_PER_TOKEN = QWEN25_7B.kv_bytes_per_token  # K and V in bf16: 57,344 B per token
 
 # -- the GPU: NVIDIA H100 SXM 80GB datasheet ----------------------------------------------------
 H100_BF16_FLOPS = 989e12  # dense BF16 tensor-core peak
@@ -55,6 +58,12 @@ TRAIN_TOKENS_S_PER_GPU = TRAIN_MFU * H100_BF16_FLOPS / (6 * PARAMS)  # 6 FLOPs p
 # 0.6 s, only partly hidden behind the backward), the optimizer step, data loading (first
 # principles, rounded up).
 TRAIN_STEP_OVERHEAD_S = 2.0
+# Under ZeRO-3 (the 30B profile) every micro-batch gathers the weights twice and reduce-scatters
+# the grads (model_profile.zero3_traffic_bytes), at a 400 Gb/s NIC per GPU (assumed) and hidden
+# behind the compute as far as it goes: a micro-batch takes the longer of the two. Micro-batch:
+# learner.micro_batch_tokens of deploy/configs/paper_async_30b.yaml.
+LEARNER_NET_BYTES_S = 50e9
+MICRO_BATCH_TOKENS = 16384
 
 # -- weight broadcast: learner rank 0 -> every engine -------------------------------------------
 # NCCL broadcast from the master rank to rollout GPUs on another node ran at ~25 GB/s (one NIC;
@@ -110,6 +119,42 @@ class CostModel:
     kl_mismatch: float = KL_MISMATCH
     kl_per_version: float = KL_PER_VERSION
     kl_noise_sigma: float = KL_NOISE_SIGMA
+    profile: ModelProfile = QWEN25_7B  # its active parameters set the FLOPs; an MoE's experts the reads
+    notes: tuple[str, ...] = ()  # more lines for describe()
+
+    @classmethod
+    def of(cls, profile: ModelProfile, ranks: int) -> CostModel:
+        """The cost model of a profile: engines of profile.engine_gpus H100s (tensor parallel, its
+        all-reduces left out), broadcast load time in proportion to the bytes each engine GPU
+        keeps, the learner at the profile's ZeRO stage over `ranks` (of the 7B profile: CostModel())."""
+        tp, w = profile.engine_gpus, profile.weight_bytes
+        hbm = tp * H100_HBM_BYTES_S * HBM_EFFICIENCY
+        compute = TRAIN_MFU * H100_BF16_FLOPS / (6 * profile.active_params)
+        rate, notes = compute, []
+        if profile.moe:
+            reads = ", ".join(f"{(profile.decode_bytes(b) - profile.decode_bytes(0)) / hbm * 1e3:.1f} ms at {b}"
+                              for b in (1, 64, 256))  # fmt: skip
+            notes.append(
+                f"engines: TP {tp} ({tp} H100s, all-reduce left out); a decode step also reads the experts its "
+                f"sequences route to ({profile.experts_per_token} of {profile.experts} a token, uniform): {reads}"
+            )
+        if profile.zero_stage == 3:
+            traffic = zero3_traffic_bytes(profile, ranks)
+            rate = min(compute, MICRO_BATCH_TOKENS * LEARNER_NET_BYTES_S / traffic)
+            notes.append(
+                f"learner: ZeRO-3 over {ranks} ranks, {traffic / 1e9:.0f} GB a rank every micro-batch of "
+                f"{MICRO_BATCH_TOKENS} tokens at {LEARNER_NET_BYTES_S / 1e9:.0f} GB/s: "
+                f"{MICRO_BATCH_TOKENS * LEARNER_NET_BYTES_S / traffic:.0f} tokens/s a rank, against "
+                f"{compute:.0f} from 6 x {profile.active_params / 1e9:.2f}B active at {TRAIN_MFU:.0%} MFU"
+            )
+        load_s = BROADCAST_LATENCY_S * (w / tp) / WEIGHT_BYTES
+        return cls(
+            decode_base_s=profile.decode_bytes(0) / hbm, kv_bytes_per_token=profile.kv_bytes_per_token,
+            hbm_bytes_s=hbm, decode_flops_s=tp * H100_BF16_FLOPS * DECODE_COMPUTE_EFFICIENCY,
+            kv_cache_bytes=tp * H100_MEMORY_BYTES * GPU_MEMORY_UTILIZATION - w - tp * ACTIVATION_RESERVE_BYTES,
+            train_tokens_s_per_rank=rate, broadcast_s=w / BROADCAST_BYTES_S + load_s, profile=profile,
+            notes=tuple(notes),
+        )  # fmt: skip
 
     def __post_init__(self) -> None:
         lengths = lognormal_lengths(np.random.default_rng(0), 200_000, self.length_median, 0.0,
@@ -119,14 +164,20 @@ class CostModel:
         # a running sequence's context, averaged over the batch: long responses stay in it longer
         self.mean_context = self.prompt_tokens + float((lengths.astype(float) ** 2).mean() / (2 * lengths.mean()))
         self.per_seq_s = (
-            self.mean_context * self.kv_bytes_per_token / self.hbm_bytes_s + 2 * PARAMS / self.decode_flops_s
+            self.mean_context * self.kv_bytes_per_token / self.hbm_bytes_s
+            + 2 * self.profile.active_params / self.decode_flops_s
         )
         self.max_seqs = max(1, int(self.kv_cache_bytes / self.kv_bytes_per_token / self.mean_context))
 
     def seq_tokens_s(self, batch: int) -> float:
         """Tokens/s of each of `batch` sequences decoding together: a step reads the weights once
-        and every sequence's KV cache (continuous batching)."""
-        return 1.0 / (self.decode_base_s + self.per_seq_s * batch)
+        and every sequence's KV cache (continuous batching); an MoE's step also reads the experts
+        its sequences route to."""
+        return 1.0 / (self.decode_base_s + self.experts_s(batch) + self.per_seq_s * batch)
+
+    def experts_s(self, batch: int) -> float:
+        p = self.profile
+        return (p.decode_bytes(batch) - p.decode_bytes(0)) / self.hbm_bytes_s if p.moe else 0.0
 
     def engine_tokens_s(self, batch: int) -> float:
         return batch * self.seq_tokens_s(batch)
@@ -162,4 +213,5 @@ class CostModel:
             f"weight broadcast {self.broadcast_s:.2f} s (engines paused)",
             f"drift: KL per token {self.kl_mismatch:g} at lag 0 + {self.kl_per_version:g} a version, lognormal "
             f"noise sigma {self.kl_noise_sigma:g} per batch and lag",
+            *self.notes,
         ]

@@ -2,7 +2,7 @@
 admission code driving simulated engines and learner ranks at the paper's layout.
 
     python -m bench.simulate [--sync-steps 10] [--async-steps 20] [--sweep 48 96 192 384] [--sweep-steps 16]
-                             [--scale 250] [--caps 2] [--budgets 0.001 0.0015]
+                             [--scale 250] [--caps 2] [--budgets 0.001 0.0015] [--model qwen3-30b-a3b]
 
 Engines are continuous-batching decoders and the learner a data-parallel group, timed by the
 cost model of bench/sim_model.py (a 7B model on H100s); the clock runs `scale` times faster
@@ -12,6 +12,8 @@ at a fixed load per engine (prompts and learner ranks grow with the engines) for
 controller itself stops keeping up. With --budgets: async under fixed version caps (--caps)
 against `buffer.divergence_budget` admission, the learner reporting KL by lag from the cost
 model's drift per version, on throughput (learner idle, samples dropped, the cap in force).
+With --model, another profile of vespo/config/model_profile.py (qwen3-30b-a3b: MoE, engines
+of TP 4 on the same 48 rollout GPUs, ZeRO-3), and its memory, broadcast and FLOPs lines.
 One process, one run; compare the figures within it.
 """
 
@@ -24,8 +26,9 @@ import time
 
 import numpy as np
 
-from bench.sim_model import RAY_CALL_CPU_S, RAY_CALL_S, CostModel
+from bench.sim_model import MICRO_BATCH_TOKENS, RAY_CALL_CPU_S, RAY_CALL_S, CostModel
 from bench.sim_run import Layout, SimResult, simulate
+from vespo.config import model_profile
 
 PUBLISHED = "AReaL: up to 2.77x (arXiv 2505.24298); veRL fully-async recipe: 2.35-2.67x on 128 GPUs (Qwen2.5-7B)"
 BASE = Layout("async")  # the paper's layout: 48 engines, 16 ranks, 256 prompts x 8 a step
@@ -109,11 +112,11 @@ def admission_lines(results: list[SimResult]) -> list[str]:
     return lines
 
 
-def sweep(engines: list[int], steps: int, scale: float, model: CostModel) -> list[SimResult]:
+def sweep(engines: list[int], steps: int, scale: float, model: CostModel, base: Layout = BASE) -> list[SimResult]:
     out = []
     for e in engines:
-        k = e / BASE.engines
-        ranks, prompts = round(BASE.ranks * k), round(BASE.groups_per_step * k)
+        k = e / base.engines
+        ranks, prompts = round(base.ranks * k), round(base.groups_per_step * k)
         layout = Layout("async", engines=e, ranks=ranks, groups_per_step=prompts,
                         steps=steps, warmup_steps=steps * 5 // 8, scale=scale)  # fmt: skip
         out.append(simulate(layout, model))
@@ -179,11 +182,22 @@ def bottleneck(results: list[SimResult]) -> list[str]:
     ]
 
 
+def profile_lines(profile: model_profile.ModelProfile, model: CostModel, base: Layout) -> list[str]:
+    """Memory per learner rank, broadcast bytes, decode and training FLOPs of the profile on the
+    layout (model_profile.describe), a step's tokens at the cost model's mean length."""
+    sequences, length = base.groups_per_step * base.n, model.prompt_tokens + model.mean_length
+    return model_profile.describe(
+        profile, zero_stage=profile.zero_stage, ranks=base.ranks, bf16=True, micro_batch_tokens=MICRO_BATCH_TOKENS,
+        tp=profile.engine_gpus, receivers=base.engines * profile.engine_gpus, step_tokens=sequences * length,
+        step_note=f"{sequences} sequences of {length:.0f} tokens, the mean",
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.simulate", description=__doc__.split("\n\n")[0])
     p.add_argument("--sync-steps", type=int, default=10)
     p.add_argument("--async-steps", type=int, default=20)
-    p.add_argument("--sweep", type=int, nargs="*", default=[48, 96, 192, 384])
+    p.add_argument("--sweep", type=int, nargs="*", help="engine counts (default: the layout's x 1, 2, 4, 8)")
     p.add_argument("--sweep-steps", type=int, default=16)
     p.add_argument("--scale", type=float, default=250.0, help="simulated seconds per real second")
     p.add_argument(
@@ -200,9 +214,12 @@ def main(argv: list[str] | None = None) -> None:
         default=[2],
         help="fixed version caps to compare with the budgets, besides 4 (only with --budgets)",
     )
+    p.add_argument("--model", choices=sorted(model_profile.PROFILES), default=model_profile.QWEN25_7B.name)
     args = p.parse_args(argv)
     started = time.perf_counter()
-    model = CostModel()
+    profile = model_profile.PROFILES[args.model]
+    base = dataclasses.replace(BASE, engines=BASE.engines // profile.engine_gpus)  # the same 48 rollout GPUs
+    model = CostModel.of(profile, BASE.ranks)
     model.driver_cell_s = driver_cell_s(model)
     print("cost model (bench/sim_model.py):")
     for line in model.describe():
@@ -210,11 +227,16 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"  padded-batch build in the controller's process: {model.driver_cell_s * 1e9:.1f} ns a cell (measured here)"
     )
-    print(f"layout: {BASE.engines} engines, {BASE.ranks} learner ranks, {BASE.groups_per_step} prompts x {BASE.n} "
+    if profile is not model_profile.QWEN25_7B:
+        print(f"model (vespo/config/model_profile.py) on {BASE.engines} rollout + {BASE.ranks} learner GPUs:")
+        for line in profile_lines(profile, model, base):
+            print("  " + line)
+    tp = f" of TP {profile.engine_gpus}" if profile.engine_gpus > 1 else ""
+    print(f"layout: {base.engines} engines{tp}, {base.ranks} learner ranks, {base.groups_per_step} prompts x {base.n} "
           f"a step; scale {args.scale:.0f} simulated s per real s\n")  # fmt: skip
-    sync = simulate(Layout("sync", steps=args.sync_steps, scale=args.scale), model)
+    sync = simulate(dataclasses.replace(base, mode="sync", steps=args.sync_steps, scale=args.scale), model)
     warm = args.async_steps // 2  # the first steps fill the pipeline: every engine starts at once
-    asyn = simulate(Layout("async", steps=args.async_steps, warmup_steps=warm, scale=args.scale), model)
+    asyn = simulate(dataclasses.replace(base, steps=args.async_steps, warmup_steps=warm, scale=args.scale), model)
     for line in compare(sync, asyn):
         print(line)
     if args.budgets:
@@ -226,12 +248,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         for line in admission_lines([asyn, *(simulate(layout, model) for layout in rules)]):
             print(line)
-    if args.sweep:
+    engines = [base.engines * k for k in (1, 2, 4, 8)] if args.sweep is None else args.sweep
+    if engines:
         print(
-            f"\nsweep: async, fixed load per engine ({BASE.groups_per_step // BASE.engines}+ prompts and "
-            f"{BASE.ranks / BASE.engines:.2f} ranks per engine)"
+            f"\nsweep: async, fixed load per engine ({base.groups_per_step // base.engines}+ prompts and "
+            f"{base.ranks / base.engines:.2f} ranks per engine)"
         )
-        for line in sweep_lines(sweep(args.sweep, args.sweep_steps, args.scale, model)):
+        for line in sweep_lines(sweep(engines, args.sweep_steps, args.scale, model, base)):
             print(line)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"\nrun time {time.perf_counter() - started:.0f} s, peak memory {peak:.1f} GB")

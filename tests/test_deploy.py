@@ -44,6 +44,18 @@ def test_dry_run_places_the_papers_layouts_on_48_rollout_and_16_train_gpus(confi
     assert f"{engines} vLLM engine(s) x TP {tp} on 6 node(s), 48 GPU(s)" in out
     assert "world size 16 across 2 node(s), 16 GPU(s)" in out
     assert f"weight group: nccl, world size {engines * tp + 1}" in out
+    assert "learner memory per rank" not in out  # only with --model
+
+
+def test_dry_run_prints_what_an_moe_costs_the_layout(capsys):
+    config, cluster = DEPLOY / "configs" / "paper_async_30b.yaml", DEPLOY / "cluster.yaml"
+    plan_command.main([str(config), "--cluster", str(cluster), "--model", "qwen3-30b-a3b"])
+    out = capsys.readouterr().out
+    assert "model qwen3-30b-a3b: 30.53B parameters, 3.35B active a token (128 experts, 8 a token" in out
+    assert "learner memory per rank (ZeRO-3 over 16 rank(s), bf16): weights 3.8 + fp32 master 7.6 + Adam 15.3" in out
+    assert "weight sync: 61.1 GB a broadcast (2 bytes x 30.53B, every expert) to 48 receiver(s)" in out
+    assert "training: 6 x 3.35B active = 20.1 GFLOPs a token" in out
+    assert "8 of 128 a layer at 1 sequence (6.7 GB in all)" in out and "expert parallelism (not in this learner" in out
 
 
 def test_dry_run_says_what_does_not_fit(capsys):

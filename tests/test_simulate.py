@@ -115,3 +115,40 @@ def test_a_divergence_budget_caps_staleness_by_the_drift_the_learner_reports():
     assert max(tight.staleness()) <= 3 and max(s for r in tight.train[-4:] for s in r.staleness) <= 1
     assert set(loose.caps_in_force()) == {3}
     assert max(loose.staleness()) >= 2  # the looser rule does train on older data
+
+
+def test_the_dense_profile_is_the_default_cost_model():
+    from vespo.config.model_profile import QWEN25_7B
+
+    model = CostModel.of(QWEN25_7B, ranks=16)
+    assert model == CostModel() and model.describe() == CostModel().describe()
+    assert model.experts_s(256) == 0.0
+
+
+def test_an_moe_is_stored_and_sent_whole_but_computed_by_its_active_parameters():
+    from vespo.config.model_profile import QWEN3_30B_A3B as moe
+    from vespo.config.model_profile import train_flops
+
+    # the model card's "30.5B in total and 3.3B activated", from the config's shape
+    assert moe.params == pytest.approx(30.5e9, rel=0.01) and moe.active_params == pytest.approx(3.3e9, rel=0.03)
+    assert moe.weight_bytes == 2 * moe.params  # a broadcast sends every expert
+    assert train_flops(moe, 1000) == 6 * moe.active_params * 1000
+    # one sequence's decode step reads the active weights; 64 sequences touch nearly every expert
+    assert moe.decode_bytes(1) == pytest.approx(2 * moe.active_params)
+    assert moe.experts_read(1) == pytest.approx(8) and moe.experts_read(64) > 0.98 * moe.experts
+    assert moe.decode_bytes(256) == pytest.approx(moe.weight_bytes, rel=1e-3)
+    model = CostModel.of(moe, ranks=16)
+    assert model.decode_base_s + model.experts_s(1) == pytest.approx(2 * moe.active_params / model.hbm_bytes_s)
+    assert model.per_seq_s > 2 * moe.active_params / model.decode_flops_s  # FLOPs of the active parameters
+
+
+def test_zero_shards_learner_memory_over_the_ranks():
+    from vespo.config.model_profile import QWEN3_30B_A3B as moe
+    from vespo.config.model_profile import state_bytes
+
+    per_rank = [sum(state_bytes(moe, 3, ranks).values()) for ranks in (8, 16, 48)]
+    assert per_rank[0] > per_rank[1] > per_rank[2]
+    # 16 bytes a parameter split over 16 ranks, plus what ZeRO-3 keeps gathered (1e9 bf16 parameters)
+    assert per_rank[1] == pytest.approx(moe.params + 2e9)
+    at_stage_2 = state_bytes(moe, 2, 16)
+    assert at_stage_2["weights"] == 2 * moe.params and at_stage_2["grads"] == 2 * moe.params / 16

@@ -2,7 +2,9 @@
 
 A 64-GPU run that does not fit should fail on a laptop in a second, not after the cluster has
 come up. The cluster comes from a Ray cluster launcher config (deploy/cluster.yaml), a plain
-`nodes:` list, or, with neither, this machine.
+`nodes:` list, or, with neither, this machine. `--model NAME` adds what that model costs the
+layout: learner memory per rank, broadcast bytes, decode and training FLOPs
+(vespo/config/model_profile.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from rich.console import Console
 
 import configtypes
-from vespo.config import run_config
+from vespo.config import model_profile, run_config
 from vespo.config.placement import (
     ClusterSpec,
     NodeGroup,
@@ -62,10 +64,27 @@ def describe(cfg: run_config.RunConfig, p: Plan) -> str:
     return "\n".join(lines)
 
 
+def model_lines(cfg: run_config.RunConfig, p: Plan, profile: model_profile.ModelProfile) -> list[str]:
+    """What the model costs this layout (model_profile.describe), from the config's learner and rollout."""
+    learner, rollout = cfg.learner, cfg.rollout
+    sequences = cfg.train.groups_per_step * rollout.n
+    return model_profile.describe(
+        profile, zero_stage=learner.zero_stage, ranks=len(p.of("learner")), bf16=learner.bf16,
+        micro_batch_tokens=learner.micro_batch_tokens, tp=rollout.tensor_parallel_size,
+        receivers=len(p.of("engine")) * rollout.tensor_parallel_size, step_tokens=sequences * rollout.max_model_len,
+        step_note=f"at most: {sequences} sequences of rollout.max_model_len {rollout.max_model_len}",
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vespo plan", description=__doc__.split("\n\n")[0])
     run_config.add_config_arguments(parser, "YAML run config (default: the embedded tiny run)", "train.num_engines=8")
     parser.add_argument("--cluster", help="Ray cluster launcher YAML or a nodes: list (default: this machine)")
+    parser.add_argument(
+        "--model",
+        choices=sorted(model_profile.PROFILES),
+        help="also print what this model costs the layout: memory per rank, broadcast, FLOPs",
+    )
     args = run_config.parse_config_arguments(parser, argv)
     console = Console()
     try:
@@ -78,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     where = args.cluster or "this machine"
     console.print(f"[bold]placement plan[/] for {args.config or 'the embedded run'} on {where}:", soft_wrap=True)
     console.print(describe(cfg, p), soft_wrap=True, highlight=False)
+    if args.model:
+        console.print("\n".join(model_lines(cfg, p, model_profile.PROFILES[args.model])), soft_wrap=True,
+                      highlight=False)  # fmt: skip
 
 
 if __name__ == "__main__":
