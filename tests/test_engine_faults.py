@@ -7,12 +7,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import sys
 import threading
 import time
 
 import psutil
 import pytest
 import ray
+import ray.cloudpickle
 
 from bench.soak import pending_groups, record_handouts
 from vespo.config import run_config
@@ -61,6 +63,11 @@ def hold_if_generating(actor, seconds: float) -> int:
     return counted.result(timeout=10)
 
 
+# the actor cannot import this test module: ship hold_if_generating by value, else every call
+# fails to unpickle and the kill lands wherever the engine happens to be
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
 def kill_inside_broadcast(controller: Controller, at_step: int, killed: list[str]) -> None:
     """Fault injection: at the first weight broadcast from at_step on, kill engine 0 after it
     has entered receive_weights (it waits there for the learner) and before the learner sends,
@@ -83,7 +90,7 @@ def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False
     each of kill_at_steps (or, with inside_broadcast, in the first broadcast from the first of
     them on); returns (summary or the exception, the controller's bookkeeping)."""
     controller = Controller(cfg)
-    killed, session = [], None
+    killed, session, errors = [], None, []
     try:
         controller.setup()
         session = session_of(controller.engines[0].actor)
@@ -102,7 +109,10 @@ def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False
                     try:  # kill while it holds prompts, so there is something to requeue
                         if ray.get(handle.__ray_call__.remote(hold_if_generating, 30.0)) > 0:
                             break
-                    except Exception:
+                    except ray.exceptions.RayActorError:
+                        break  # it died on its own: nothing left to hold
+                    except Exception as err:  # the hold itself is broken: the test must say so
+                        errors.append(err)
                         break
                     time.sleep(0.002)
                 killed.append(handle._actor_id.hex())
@@ -114,6 +124,8 @@ def run_with_kills(cfg, kill_at_steps: list[int], inside_broadcast: bool = False
             outcome = controller.run(checkpoint=False)
         except LearnerFailed as err:
             outcome = err
+        if errors:
+            raise errors[0]
         book = {
             "handed_out": handed_out,
             "pending": pending_groups(controller, handed_out),
