@@ -61,3 +61,16 @@ def _add_padded(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     out[: total.numel()] += total
     out[: part.numel()] += part.to(total.device)
     return out
+
+
+def staleness_metrics(token_versions: torch.Tensor, step: int) -> dict[str, float]:
+    """The versions of a batch's sampled tokens (-1 off the response) and their lag behind `step`."""
+    versions = token_versions[token_versions >= 0]
+    if not versions.numel():
+        return {}
+    lag = (step - versions).float()  # learner version minus sampling version, per token
+    return {
+        "staleness/oldest_version": float(versions.min()), "staleness/newest_version": float(versions.max()),
+        "staleness/token_max": float(lag.max()), "staleness/token_mean": float(lag.mean()),
+        "staleness/token_min": float(lag.min()),
+    }  # fmt: skip

@@ -83,20 +83,24 @@ class RoutingStats:
         """Dashboard scalars; {} when nothing was counted. routing/agreement: agree / total.
         routing/load_tv: the total-variation distance between the learner's and the engine's
         expert-load distributions, averaged over layers (0: the same loads). routing/*_imbalance:
-        the busiest expert's load over the mean load, worst layer (1: perfectly balanced)."""
+        the busiest expert's load over the mean load, worst layer (1: perfectly balanced).
+        routing/load_{learner,rollout}/eNNN: each expert's share of the routed tokens, mean over layers."""
         if self.total == 0:
             return {}
         learner, rollout = (
             load / load.sum(-1, keepdim=True).clamp(min=1) for load in (self.learner_load, self.rollout_load)
         )
         experts = learner.shape[-1]
-        return {
+        out = {
             "routing/agreement": self.agree / self.total,
             "routing/pairs": float(self.total),
             "routing/load_tv": float(0.5 * (learner - rollout).abs().sum(-1).mean()),
             "routing/learner_imbalance": float(learner.max() * experts),
             "routing/rollout_imbalance": float(rollout.max() * experts),
         }
+        for side, load in (("learner", learner), ("rollout", rollout)):  # each expert's share, mean over layers
+            out.update({f"routing/load_{side}/e{e:03d}": float(v) for e, v in enumerate(load.mean(0).tolist())})
+        return out
 
 
 def _model_name(model: torch.nn.Module) -> str:

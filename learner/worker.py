@@ -19,11 +19,12 @@ from learner.checkpoint.deepspeed_state import WeightsOnlyCheckpointEngine, load
 from learner.checkpoint.reader import DEEPSPEED_TAG, CheckpointError
 from learner.config import LearnerConfig
 from learner.deepspeed_config import deepspeed_config
-from learner.divergence_metrics import LagKL
+from learner.divergence_metrics import LagKL, staleness_metrics
 from learner.logprobs import token_logprobs
 from learner.objectives import compute_loss, make_config
 from learner.packing import PackedRows, micro_batches_of, packed_token_logprobs
 from learner.process_group import host_store, join_default_group
+from learner.routing_replay import RoutingStats, replay_routing, routing_shape
 from learner.step_result import StepResult
 from weightsync.transport import backend_for
 
@@ -91,6 +92,7 @@ class LearnerWorker:
             # Without ZeRO, DeepSpeed clips but does not keep the norm: record it on the way.
             self.engine.clip_fp32_gradients = self._clip_and_record_norm
         self.device = self.engine.device
+        self.moe = routing_shape(model)  # (MoE layers, top_k, experts), or None for a dense model
         self.step_count = 0
 
     def train_step(self, batch: TrainBatch, totals: dict[str, float]) -> StepResult:
@@ -149,9 +151,10 @@ class LearnerWorker:
         weight_total, computed = 0.0, 0
         clock = {"perf/forward_s": 0.0, "perf/objective_s": 0.0, "perf/backward_s": 0.0}
         lag_kl = LagKL()  # KL(sampler || current policy) by lag, against the sampler's own log-probs
+        routing = RoutingStats.empty(self.moe) if self.moe else None  # the learner's routing against the engine's
         for _, micro, packed in self._micro_batches(batch, backward):
             t0 = time.perf_counter()
-            logprobs, entropy = self._logprobs(micro, packed, with_entropy=True)
+            logprobs, entropy = self._logprobs(micro, packed, with_entropy=True, routing=routing)
             computed += micro.input_ids.numel() if packed is None else packed.computed_tokens
             t1 = time.perf_counter()
             mask = micro.response_mask.to(self.device)
@@ -195,14 +198,8 @@ class LearnerWorker:
         out["actor/loss"] = sums.get("loss_share", 0.0)  # this rank's part of the batch loss
         out.update(clock)
         out["perf/padding_frac"] = 1.0 - float(batch.attention_mask.sum()) / max(computed, 1)
-        versions = batch.token_versions[batch.token_versions >= 0]
-        if versions.numel():
-            lag = (self.step_count - versions).float()  # learner version minus sampling version, per token
-            out["staleness/oldest_version"] = float(versions.min())
-            out["staleness/newest_version"] = float(versions.max())
-            out["staleness/token_max"] = float(lag.max())
-            out["staleness/token_mean"] = float(lag.mean())
-            out["staleness/token_min"] = float(lag.min())
+        out.update(staleness_metrics(batch.token_versions, self.step_count))
+        out.update(routing.metrics() if routing is not None else {})
         return StepResult(out, *lag_kl.by_lag())
 
     @torch.no_grad()
@@ -232,14 +229,19 @@ class LearnerWorker:
             if backward:
                 self.engine.backward(lp.sum() * 0.0, scale_wrt_gas=False)
 
-    def _logprobs(self, micro: TrainBatch, packed: PackedRows | None, with_entropy: bool) -> tuple:
+    def _logprobs(self, micro: TrainBatch, packed: PackedRows | None, with_entropy: bool,
+                  routing: RoutingStats | None = None) -> tuple:  # fmt: skip
         """(rows, L-1) log-probs of a micro-batch in its padded layout, computed packed or padded,
-        and the entropy at each position (for `actor/entropy`) or None."""
+        and the entropy at each position (for `actor/entropy`) or None. An MoE model runs on the
+        engine's experts (learner.routing_replay rollout) or its own, observed into `routing`."""
         temp, ids, attn = self.cfg.policy_temperature, micro.input_ids.to(self.device), micro.attention_mask
-        if packed is not None:
-            out = packed_token_logprobs(self.engine, packed.to(self.device), temp, with_entropy)
-        else:
-            out = token_logprobs(self.engine, ids, attn.to(self.device), temp, with_entropy=with_entropy)
+        routed = (packed.routed_experts if packed is not None else micro.routed_experts) if self.moe else None
+        replay = self.cfg.routing_replay == "rollout"
+        with replay_routing(self.engine.module, None if routed is None else routed.to(self.device), replay, routing):
+            if packed is not None:
+                out = packed_token_logprobs(self.engine, packed.to(self.device), temp, with_entropy)
+            else:
+                out = token_logprobs(self.engine, ids, attn.to(self.device), temp, with_entropy=with_entropy)
         return out if with_entropy else (out, None)
 
     def _share(self, micro: TrainBatch, totals: dict[str, float]) -> float:
