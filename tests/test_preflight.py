@@ -58,7 +58,7 @@ def test_a_good_run_is_summarised(tmp_path):
         (["rollout.max_model_len=10", "rollout.max_new_tokens=8"], "every prompt measured is longer than 2 tokens"),
         (["task.eval_fraction=0", "task.name=math", "task.path={data}"], "task: no held-out prompts"),
         (["rollout.temperature=0"], "rollout.temperature is 0 (greedy decoding): training needs sampled responses"),
-        (["learner.routing_replay=rollout"], "learner.routing_replay rollout needs a Mixture-of-Experts model; tiny has"),
+        (["learner.routing_replay=rollout"], "routing_replay rollout needs a Mixture-of-Experts model; tiny has"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, overrides, message):
