@@ -5,7 +5,8 @@ top-k and top-p: the distribution the token was actually drawn from). Version ta
 vLLM's own per-token weight-version spans: the engine's version is set while generation is
 paused, so every token is attributed to the weights that produced it. For a Mixture-of-Experts
 model the engine also returns the experts it routed every token to (vLLM's
-`enable_return_routed_experts`), which the learner can replay (`learner.routing_replay`).
+`enable_return_routed_experts` where its model runner can, else rollout.routing_capture), which
+the learner can replay (`learner.routing_replay`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rollout.records import Completion
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "weightsync.receiver.VespoWorkerExtension"
+EXTENSION = "rollout.vllm_worker.VespoWorker"
 
 
 class VllmEngine:
@@ -37,7 +38,9 @@ class VllmEngine:
         self.version = 0
         self.llm = None
         self._update_lock = asyncio.Lock()
-        self.moe = False  # the model routes tokens to experts: the engine returns its routing
+        # an MoE model's routing comes from vLLM ("native", GPU) or from our own hooks ("capture")
+        self.routing: str | None = None
+        self.moe_layers: list[int] = []  # the MoE layers among the model's layers
 
     @property
     def num_receivers(self) -> int:
@@ -48,8 +51,8 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         cfg = self.cfg
-        self.moe = moe_experts(cfg.model_path) > 0
         on_gpu = torch.cuda.is_available()
+        self.routing = ("native" if on_gpu else "capture") if moe_experts(cfg.model_path) else None
         if not on_gpu:
             # vLLM reads these when its engine process starts: KV cache size, and no core pinning
             # (several engines and the learner share the cores of one machine).
@@ -62,20 +65,24 @@ class VllmEngine:
             max_num_seqs=cfg.max_num_seqs,
             seed=cfg.seed,
             enforce_eager=cfg.enforce_eager,
-            enable_prefix_caching=cfg.prefix_caching,
+            # captured routing has no rows for prompt tokens served from the prefix cache
+            enable_prefix_caching=cfg.prefix_caching and self.routing != "capture",
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             distributed_executor_backend="uni" if cfg.tensor_parallel_size == 1 else "mp",
             logprobs_mode="processed_logprobs",
             worker_extension_cls=EXTENSION,
             disable_log_stats=True,
-            enable_return_routed_experts=self.moe,
+            enable_return_routed_experts=self.routing == "native",
         )
         started = time.perf_counter()
         with engine_preload(cfg.preload_libs if not on_gpu else "off"):  # the engine process starts in here
             self.llm = AsyncLLM.from_engine_args(args)
         try:
             await self.llm.update_weight_version(str(self.version))
+            if self.routing:
+                bind = self.routing == "capture"
+                self.moe_layers = (await self.llm.collective_rpc("vespo_capture_routing", args=(bind,)))[0]
             await self._smoke_test()
         except BaseException:
             await self.shutdown()
@@ -89,6 +96,8 @@ class VllmEngine:
 
         async for _ in self.llm.generate({"prompt_token_ids": [0, 1]}, SamplingParams(max_tokens=2), "vespo-smoke"):
             pass
+        if self.routing == "capture":
+            await self.llm.collective_rpc("vespo_take_routing", args=("vespo-smoke",))
 
     def _sampling(self, n: int, length: int | None = None, max_tokens: int | None = None):
         """`length`: exactly this many tokens (min_tokens = max_tokens: end-of-sequence held back
@@ -133,8 +142,20 @@ class VllmEngine:
             final = out
         if final is None:
             raise RuntimeError(f"vLLM returned nothing for request {request_id}")
-        return [_completion(c, version_start, self.version, len(prompt_ids) if self.moe else None)
+        routed = await self._routed(final, request_id)
+        return [_completion(c, version_start, self.version, len(prompt_ids), routed.get(c.index))
                 for c in final.outputs]  # fmt: skip
+
+    async def _routed(self, final, request_id: str) -> dict[int, np.ndarray]:
+        """Each sample's routing (tokens, MoE layers, top_k), by sample index; {} for a dense model."""
+        if self.routing == "native":  # vLLM's rows cover every layer; keep the MoE ones
+            return {c.index: np.asarray(c.routed_experts)[:, self.moe_layers] for c in final.outputs
+                    if c.routed_experts is not None}  # fmt: skip
+        if self.routing != "capture":
+            return {}
+        taken = (await self.llm.collective_rpc("vespo_take_routing", args=(request_id,)))[0]
+        return {i: np.frombuffer(data, np.uint8).reshape(tokens, len(self.moe_layers), -1)
+                for i, (data, tokens) in taken.items()}  # fmt: skip
 
     async def init_weight_group(
         self, host: str, port: int, rank_offset: int, world_size: int, backend: str, secret: str, bind: str
@@ -201,14 +222,12 @@ class _Paused:
             self.engine._update_lock.release()
 
 
-def _routing(c, prompt_tokens: int) -> np.ndarray | None:
+def _routing(routed: np.ndarray | None, prompt_tokens: int, response_tokens: int) -> np.ndarray | None:
     """The routed experts of every token the engine ran (the prompt, then each sampled token but
     the last) as uint8 (tokens, layers, top_k)."""
-    routed = getattr(c, "routed_experts", None)
     if routed is None:
         return None
-    routed = np.asarray(routed)
-    expected = prompt_tokens + len(c.token_ids) - 1
+    expected = prompt_tokens + response_tokens - 1
     if routed.ndim != 3 or routed.shape[0] < expected:
         raise RuntimeError(f"vLLM returned routed experts of shape {routed.shape} for {expected} tokens")
     if routed.size and routed.max() > 255:
@@ -216,7 +235,9 @@ def _routing(c, prompt_tokens: int) -> np.ndarray | None:
     return np.ascontiguousarray(routed[:expected], dtype=np.uint8)
 
 
-def _completion(c, version_start: int, version_end: int, prompt_tokens: int | None = None) -> Completion:
+def _completion(
+    c, version_start: int, version_end: int, prompt_tokens: int = 0, routed: np.ndarray | None = None
+) -> Completion:
     tokens = list(c.token_ids)
     logprobs = [float(step[tok].logprob) for tok, step in zip(tokens, c.logprobs or [], strict=False)]
     if len(logprobs) != len(tokens):
@@ -228,5 +249,5 @@ def _completion(c, version_start: int, version_end: int, prompt_tokens: int | No
         # The tags are the truth: our coroutine may only see the final output after a later swap
         # bumped self.version, and a request queued behind a swap starts under the new version.
         version_start, version_end = versions[0], versions[-1]
-    routing = _routing(c, prompt_tokens) if prompt_tokens is not None else None
+    routing = _routing(routed, prompt_tokens, len(tokens))
     return Completion(tokens, logprobs, versions, c.finish_reason or "abort", version_start, version_end, routing)

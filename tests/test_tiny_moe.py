@@ -1,8 +1,10 @@
 """`tiny-moe` (a 2-layer Qwen3-MoE, 8 experts, 2 per token) on the real stack: the build is
 reproducible, a DeepSpeed learner's export serves in the vLLM CPU engine with transformers'
 log-probs, a ZeRO-3 step reaches the engine through the weight group (fused expert tensors
-by their learner names) and ZeRO 0 trains a step. vLLM 0.32's CPU backend cannot return the
-routed experts: the refusal is pinned here so a vLLM that can is noticed.
+by their learner names) and ZeRO 0 trains a step. Every sample carries the experts the engine
+routed its tokens to, which are transformers' own choice at the same weights. vLLM 0.32's CPU
+backend cannot return them itself (rollout.routing_capture records them): the refusal is pinned
+here so a vLLM that can is noticed.
 
 One engine and one ZeRO-3 learner serve the module (their start-up is most of its time).
 """
@@ -80,6 +82,27 @@ def max_gap(trajs, model) -> float:
     )
 
 
+def routing_agreement(trajs, model) -> float:
+    """The share of (token, layer) pairs where the engine's recorded experts are the set
+    transformers' routers choose for the same sequence."""
+    from learner.routing_replay import moe_layers
+
+    same = total = 0
+    chosen = []
+    hooks = [r.register_forward_hook(lambda _m, _a, out: chosen.append(out[2])) for r in moe_layers(model)]
+    for t in trajs:
+        chosen.clear()
+        with torch.no_grad():
+            model(torch.from_numpy(np.concatenate([t.prompt_ids, t.response_ids]).astype(np.int64))[None])
+        own = np.sort(torch.stack(chosen, 1).numpy()[: t.num_tokens - 1], -1)
+        assert t.routing() is not None and t.routing().shape == own.shape  # every token the engine ran
+        same += int((np.sort(t.routing(), -1) == own).all(-1).sum())
+        total += own.shape[0] * own.shape[1]
+    for h in hooks:
+        h.remove()
+    return same / total
+
+
 def test_a_fresh_build_is_byte_identical_to_the_cached_one(tmp_path):
     cached = tiny_moe_model()
     assert str(cached) == resolve_model("tiny-moe")
@@ -101,6 +124,7 @@ def test_the_engine_serves_the_learners_export_with_transformers_log_probs(stack
     gap = max_gap(trajs, exported)
     print(f"max |vLLM - transformers| log-prob: {gap:.2e}")
     assert gap < MAX_GAP
+    assert routing_agreement(trajs, exported) == 1.0  # float32 both sides: the same experts everywhere
 
 
 REFUSALS = [(None, "requires Model Runner V2"), ("1", "Model Runner V2 requires Triton")]
@@ -127,6 +151,7 @@ def test_a_zero3_step_reaches_the_engine_through_the_weight_group(stack):
     metrics = learner.train_step(learner.make_batch(generate(stack, "train"))).metrics
     after = learner.full_state_dict()
     assert np.isfinite(metrics["actor/loss"]) and metrics["actor/grad_norm"] > 0
+    assert metrics["routing/agreement"] == 1.0  # the learner routes as the engine did, at the same weights
     for name in (EXPERTS, "model.layers.1.mlp.experts.down_proj", "model.layers.0.mlp.gate.weight"):
         assert not torch.equal(after[name], before[name]), f"the step left {name} unchanged"
 
@@ -143,6 +168,7 @@ def test_a_zero3_step_reaches_the_engine_through_the_weight_group(stack):
     gap, stale = max_gap(trajs, updated), max_gap(trajs, load_model(stack["export"]))
     print(f"after the update: gap to the learner {gap:.2e}, to the old weights {stale:.2e}")
     assert gap < MAX_GAP < 100 * MAX_GAP < stale  # the engine samples from the new weights, not the old
+    assert routing_agreement(trajs, updated) == 1.0  # and routes with the new router
 
 
 def test_zero0_trains_a_step(stack):
