@@ -111,7 +111,9 @@ def run_setting(path: str, replay: str, held, train_batches, lags: list[int], ar
     try:
         rows = [{"replay": replay, "lag": 0, **mismatch(worker, held)}]
         for step, batch in enumerate(train_batches, start=1):
-            worker.train_step(batch, batch_totals(batch))
+            metrics = worker.train_step(batch, batch_totals(batch)).metrics
+            log(f"{replay} step {step}: loss {metrics['actor/loss']:.4f} grad norm {metrics.get('actor/grad_norm', 0):.3f} "
+                f"skipped {metrics['actor/step_skipped']:.0f}")
             if step in lags:
                 rows.append({"replay": replay, "lag": step, **mismatch(worker, held)})
         return rows
@@ -128,7 +130,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--lags", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--objective", default="grpo")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-5)
     args = p.parse_args()
     import os
 

@@ -47,7 +47,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gspo": ("gspo", {}),
     "sapo": ("sapo", {}),
     "cispo": ("cispo", {}),
+    "vespo-replay": ("vespo", {}),  # MoE models: learner.routing_replay rollout
+    "grpo-replay": ("grpo", {}),
 }
+LEARNER_OPTIONS = {"vespo-replay": {"routing_replay": "rollout"}, "grpo-replay": {"routing_replay": "rollout"}}
 MODES = ("sync-1", "sync-4", "sync-16", "sync-64", "async")
 STEP_KEYS = {  # steps.csv column -> logged metric
     "reward": "reward/mean",
@@ -64,6 +67,7 @@ STEP_KEYS = {  # steps.csv column -> logged metric
     "wait_s": "time/wait_s",  # the learner's time waiting for data so far
     "train_s": "time/train_s",
     "staleness_cap": "buffer/staleness_cap",  # the cap in force (async-kl: set by the budget)
+    "routing_agreement": "routing/agreement",  # MoE: learner routes as the engine did
     **{f"kl_lag{lag}": f"divergence/kl_lag{lag}" for lag in (0, 1, 2, 4, 8)},  # KL per token by data age
 }
 CELL_FIELDS = ["variant", "mode", "seed", "steps", "start_reward", "peak_reward", "final_reward", "final_eval_accuracy",
@@ -89,7 +93,8 @@ class Cell:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.staleness_sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in LEARNER_OPTIONS],
+                   choices=list(VARIANTS))  # fmt: skip
     p.add_argument("--modes", nargs="+", default=list(MODES),
                    help="sync-N (N >= 1), async, async-capK (version cap K), async-klB (KL budget B)")  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -119,6 +124,12 @@ def cell_config(args: argparse.Namespace, cell: Cell):
 
     cfg = run_config.load(args.config, args.overrides)
     objective, options = VARIANTS[cell.variant]
+    if cell.variant in LEARNER_OPTIONS:
+        from rollout.engine import moe_experts
+        from vespo.models import resolve_model
+
+        if not moe_experts(resolve_model(cfg.model)):
+            raise SystemExit(f"variant {cell.variant}: routing replay needs an MoE model (model=tiny-moe)")
     is_async = _ASYNC.match(cell.mode)
     n = 1 if is_async else sync_ratio(cell.mode)
     staleness, budget = max(cfg.buffer.max_staleness, n - 1), None
@@ -127,7 +138,8 @@ def cell_config(args: argparse.Namespace, cell: Cell):
         staleness, budget = (int(cap) if cap else args.async_max_staleness), (float(kl) if kl else None)
     # replace() re-runs each section's validation
     options = {**cfg.learner.objective_config, **options}  # an override's option, unless the variant sets it
-    learner = replace(cfg.learner, objective=objective, objective_config=options, lr=args.lr, seed=cell.seed)
+    learner = replace(cfg.learner, objective=objective, objective_config=options, lr=args.lr, seed=cell.seed,
+                      **LEARNER_OPTIONS.get(cell.variant, {}))  # fmt: skip
     train = replace(cfg.train, mode="async" if is_async else "sync", staleness_ratio=n, steps=args.steps,
                     groups_per_step=args.groups_per_step, eval_every=args.eval_every or args.steps,
                     output_dir=str(Path(args.out) / "cells" / cell.name))  # fmt: skip
