@@ -112,8 +112,8 @@ def run_setting(path: str, replay: str, held, train_batches, lags: list[int], ar
         rows = [{"replay": replay, "lag": 0, **mismatch(worker, held)}]
         for step, batch in enumerate(train_batches, start=1):
             metrics = worker.train_step(batch, batch_totals(batch)).metrics
-            log(f"{replay} step {step}: loss {metrics['actor/loss']:.4f} grad norm {metrics.get('actor/grad_norm', 0):.3f} "
-                f"skipped {metrics['actor/step_skipped']:.0f}")
+            log(f"{replay} step {step}: loss {metrics['actor/loss']:.4f}, "
+                f"grad norm {metrics.get('actor/grad_norm', 0):.3f}, skipped {metrics['actor/step_skipped']:.0f}")
             if step in lags:
                 rows.append({"replay": replay, "lag": step, **mismatch(worker, held)})
         return rows
