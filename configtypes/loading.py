@@ -37,7 +37,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """Set a dotted key from "a.b.c=value"; the value is parsed as YAML ("1e-5", "true", "[1, 2]")."""
+    """Set a dotted key from "a.b.c=value"; the value is parsed as YAML ("1e-5", "true", "[1, 2]").
+    A null on the way becomes a record, so `learner.lora.rank=16` enables a section left null."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -48,7 +49,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # an optional record left null (learner.lora) takes keys too
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
     node[parts[-1]] = value

@@ -7,18 +7,42 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from configtypes import AtLeast0, AtLeast1, NonNegative, Positive, section
+from configtypes import AtLeast0, AtLeast1, NonEmpty, NonNegative, Positive, section
 from learner import advantages
 from learner.objectives import check_objective, make_config
 from runtime.cores import Cores
 
 Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's moment decay rates
+# the attention and MLP projections of Llama-like models (Qwen, Mistral, SmolLM name them alike)
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _known_advantage(name: str) -> str:
     if name not in advantages.ADVANTAGES:
         raise ValueError(f"unknown advantage estimator {name!r}; choose one of {', '.join(advantages.ADVANTAGES)}")
     return name
+
+
+@section("learner.lora")
+class LoraConfig:
+    """A low-rank adapter trained instead of the whole model (learner/lora.py); the engines
+    still receive full weights, the adapter merged in."""
+
+    rank: AtLeast1 = 8
+    # unset: 2 x rank, so the adapter's scale alpha / rank stays 2 whatever the rank: changing
+    # the rank alone then leaves the step size of the merged weights about where it was
+    alpha: Positive | None = None
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # on the adapter's input, in training only
+    # the base model's module names (the last part: "q_proj" matches every layer's q_proj)
+    target_modules: Annotated[list[NonEmpty], Field(min_length=1)] = field(default_factory=lambda: [*LLAMA_PROJECTIONS])
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.rank
+
+    @property
+    def lora_alpha(self) -> float:
+        return 2.0 * self.rank if self.alpha is None else self.alpha
 
 
 @section("learner")
@@ -50,6 +74,8 @@ class LearnerConfig:
     # MoE models: "rollout" runs every sampled token through the experts the engine routed it to
     # (gate weights still from the learner's router, so it keeps learning); docs/learner.md
     routing_replay: Literal["off", "rollout"] = "off"
+    # null: every weight trains; a record ({rank, alpha, dropout, target_modules}) trains a LoRA adapter
+    lora: LoraConfig | None = None
     normalize_adv_std: bool = True  # GRPO advantages divided by the group std
     num_cpus_per_worker: NonNegative = 1.0
     num_gpus_per_worker: NonNegative = 0.0

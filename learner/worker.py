@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from learner import lora
 from learner.batching import TrainBatch
 from learner.checkpoint.deepspeed_state import WeightsOnlyCheckpointEngine, load_rng, save_rng
 from learner.checkpoint.reader import DEEPSPEED_TAG, CheckpointError
@@ -77,9 +78,9 @@ class LearnerWorker:
         self.objective_config = make_config(cfg.objective, cfg.objective_config)
         torch.manual_seed(cfg.seed)
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+        model = lora.wrap(AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype), cfg.lora)
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            lora.trainable(model), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
         warmup = cfg.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
@@ -258,15 +259,13 @@ class LearnerWorker:
         self._stage0_grad_norm = float(norm)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full (unpartitioned) weights on CPU; collective under ZeRO-3, so call it on every rank.
-        It holds the whole model at once (and its caller receives it): for checks on small
-        models only. Exports and checkpoints use export_model, which streams shard by shard."""
-        import deepspeed
-
+        """Full (unpartitioned) weights on CPU by the base model's names (LoRA merged in);
+        collective under ZeRO-3, so call it on every rank. It holds the whole model at once (and
+        its caller receives it): for checks on small models only. Exports and checkpoints use
+        export_model, which streams shard by shard."""
         module = self.engine.module
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
-            return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        state = lora.base_view(module, lora.base_module(module).state_dict(keep_vars=True).items())
+        return {k: v.to("cpu", copy=True) for k, v in lora.gathered(module, state)}
 
     def export_model(self, out_dir: str, shard_bytes: int) -> int:
         """Write the full weights as a Hugging Face model directory (learner.export), shard by
@@ -301,8 +300,8 @@ class LearnerWorker:
         so from_pretrained finds the source weight and ties the rest to it again."""
         import re
 
-        module = self.engine.module
-        state = module.state_dict(keep_vars=True)  # the Parameter/buffer objects, not copies
+        module = lora.base_module(self.engine.module)  # under LoRA: base names, adapters merged in (_gathered)
+        state = dict(lora.base_view(self.engine.module, module.state_dict(keep_vars=True).items()))  # not copies
         for key in getattr(module, "_keys_to_ignore_on_save", None) or ():
             state.pop(key, None)
         shared: dict[int, list[str]] = {}
@@ -323,14 +322,9 @@ class LearnerWorker:
         return [(n, t) for n, t in state.items() if n not in drop]
 
     def _gathered(self, entries: list[tuple[str, torch.Tensor]]):
-        """(name, full tensor) for each entry, gathering ZeRO-3 parameters one at a time; a
-        yielded tensor is valid until the next one is asked for."""
-        import deepspeed
-
-        for name, tensor in entries:
-            partitioned = self.cfg.zero_stage == 3 and hasattr(tensor, "ds_id")
-            with deepspeed.zero.GatheredParameters([tensor], enabled=partitioned):
-                yield name, tensor.detach()
+        """(name, full tensor) for each entry, gathering ZeRO-3 parameters one at a time (a LoRA
+        target merged with its adapter); a yielded tensor is valid until the next one is asked for."""
+        return lora.gathered(self.engine.module, entries)
 
     def save_checkpoint(self, staged_dir: str) -> None:
         """Write this rank's part of a checkpoint into the staging directory (see learner.checkpoint)."""
@@ -375,7 +369,7 @@ class LearnerWorker:
         from weightsync.transport import TensorSpec, plan_buckets, plan_to_wire
 
         specs = [TensorSpec(n, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
-                 for n, p in self.engine.module.named_parameters()]  # fmt: skip
+                 for n, p in lora.named_weights(self.engine.module)]  # fmt: skip
         return plan_to_wire(plan_buckets(specs, self.broadcaster.bucket_bytes))
 
     def broadcast_weights(self, wire_plan: list) -> dict[str, float]:
@@ -393,8 +387,4 @@ class LearnerWorker:
         return {"sync/bytes": float(stats.bytes), "sync/seconds": stats.seconds, "sync/bytes_per_s": stats.bytes_per_s}
 
     def _gathered_parameters(self):
-        import deepspeed
-
-        for name, param in self.engine.module.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], enabled=self.cfg.zero_stage == 3):
-                yield name, param.detach()
+        return lora.gathered(self.engine.module, lora.named_weights(self.engine.module))

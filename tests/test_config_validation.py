@@ -9,7 +9,7 @@ import pytest
 
 from buffer.config import BufferConfig
 from configtypes import ConfigError, build, keys_of, to_dict
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, LoraConfig
 from learner.objectives import CONFIGS, make_config
 from rollout.config import RolloutConfig
 from rollout.tasks.base import TaskConfig
@@ -108,6 +108,11 @@ BAD = [
     ("learner.cpu_cores=[[]]", "learner.cpu_cores[0] must hold at least 1 item(s), got 0"),
     ("learner.num_cpus_per_worker=-1", "learner.num_cpus_per_worker must be >= 0, got -1"),
     ("learner.num_gpus_per_worker=-1", "learner.num_gpus_per_worker must be >= 0, got -1"),
+    ("learner.lora=8", "learner.lora: expected a mapping, got 8"),
+    ("learner.lora.rank=0", "learner.lora.rank must be >= 1, got 0"),
+    ("learner.lora.alpha=0", "learner.lora.alpha must be > 0, got 0"),
+    ("learner.lora.dropout=1", "learner.lora.dropout must be in [0, 1), got 1"),
+    ("learner.lora.target_modules=[]", "learner.lora.target_modules must hold at least 1 item(s), got 0"),
     # buffer
     ("buffer.capacity=0", "buffer.capacity must be >= 1, got 0"),
     ("buffer.max_staleness=-1", "buffer.max_staleness must be >= 0, got -1"),
@@ -155,6 +160,7 @@ SECTIONS = {
     "": RunConfig, "train": TrainConfig, "task": TaskConfig, "rollout": RolloutConfig,
     "learner": LearnerConfig, "buffer": BufferConfig, "wandb": WandbConfig,
 }  # fmt: skip
+NESTED = {"learner.lora": LoraConfig}  # optional records inside a section (null by default)
 
 
 def error_of(overrides: list[str]) -> str:
@@ -181,7 +187,7 @@ def test_a_bad_objective_option_names_its_key(objective, option, value, message)
 def test_every_field_has_a_case():
     """A new field needs its range (and a line in BAD): this lists the ones that have none."""
     covered = {o.partition("=")[0] for o, _ in BAD} | FREE
-    keys = {f"{path}.{k}" if path else k for path, cls in SECTIONS.items() for k in keys_of(cls)}
+    keys = {f"{path}.{k}" if path else k for path, cls in {**SECTIONS, **NESTED}.items() for k in keys_of(cls)}
     keys -= {"train", "task", "rollout", "learner", "buffer", "wandb"}
     assert sorted(keys - covered) == []
     options = {(o, k) for o, k, *_ in BAD_OPTIONS}
@@ -300,6 +306,17 @@ def test_a_section_given_in_part_keeps_the_embedded_runs_other_values():
     cfg = run_config.load(None, ["rollout.n=4", "learner.eps=1e-6"])
     assert (cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.rollout.max_model_len) == (4, 8, 64)
     assert (cfg.learner.eps, cfg.learner.lr, cfg.learner.warmup_steps) == (1e-6, 5e-4, 2)
+
+
+def test_an_optional_record_takes_dotted_keys_when_null(tmp_path):
+    """learner.lora is null unless set; one of its keys alone turns it on with the other defaults."""
+    config = tmp_path / "run.yaml"
+    config.write_text("learner:\n  lora: null\n")
+    assert run_config.load(config).learner.lora is None
+    lora = run_config.load(config, ["learner.lora.rank=16"]).learner.lora
+    assert (lora.rank, lora.scale, lora.target_modules) == (16, 2.0, LoraConfig().target_modules)
+    assert run_config.load(None, ["learner.lora={rank: 4, alpha: 8}"]).learner.lora.scale == 2.0
+    assert run_config.load(None, ["learner.lora.rank=4", "learner.lora=null"]).learner.lora is None
 
 
 def test_a_boolean_is_not_a_count():

@@ -58,6 +58,8 @@ def check(cfg: RunConfig, need_eval: bool | None = None, training: bool = True) 
     tokenizer = _tokenizer(model_path)
     if cfg.learner.routing_replay == "rollout":
         _check_routing_replay(cfg, model_path)
+    if cfg.learner.lora is not None:
+        _check_lora_targets(cfg, model_path)
     try:
         task = make_task(cfg.task)
         train, held_out = task.samples("train"), task.samples("eval")
@@ -124,6 +126,24 @@ def _check_routing_replay(cfg: RunConfig, model_path: str) -> None:
         raise PreflightError(f"{key} needs rollout.backend vllm (the engine that returns its routing)")
     if cfg.task.name == "env":
         raise PreflightError(f"{key}: multi-turn episodes (task.name env) carry no engine routing")
+
+
+def _check_lora_targets(cfg: RunConfig, model_path: str) -> None:
+    """PEFT would refuse a target the model lacks only inside the learner's actor; the modules
+    are known from config.json alone (the model built on the meta device: no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    names = [n for n, _ in model.named_modules()]
+    for target in cfg.learner.lora.target_modules:  # PEFT's rule: the whole name or its last parts
+        if not any(n == target or n.endswith(f".{target}") for n in names):
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise PreflightError(
+                f"learner.lora.target_modules: model {cfg.model} has no module {target!r}; "
+                f"its linear layers: {', '.join(linear)}"
+            )
 
 
 def _architecture(model_path: str) -> str:
