@@ -3,13 +3,19 @@
 The weights arrive as an iterator of (name, tensor), in the order of a list of TensorSpecs
 known up front (names, dtypes, full shapes). Under ZeRO-3 each tensor is gathered just before
 it is yielded and released after, so the writer is the only place that holds weights: at most
-one shard's worth (cloned to CPU) at a time, plus the one tensor being handed over. The driver
-never sees a tensor; rank 0 writes.
+one shard's worth (cloned to CPU) at a time, plus the one tensor being handed over (and, for a
+fused expert tensor split into gate and up, one copy of it while its pieces are written). The
+driver never sees a tensor; rank 0 writes.
 
 Layout, the one `save_pretrained` writes and transformers and vLLM load: the source model's
 non-weight files (config, tokenizer, generation config), then one `model.safetensors`, or
 `model-00001-of-0000N.safetensors` ... with `model.safetensors.index.json` when the weights
-take several shards. The shards are laid out from the specs before anything is written
+take several shards. Weights are in the checkpoint format: where transformers 5 holds them in
+another layout than its checkpoints (Mixture-of-Experts families fuse each layer's experts;
+Mixtral also renames `block_sparse_moe` to `mlp`), they are converted back with transformers'
+own save-time conversion (weightsync.checkpoint_format), as `save_pretrained` does, so readers
+that predate the fused layout (transformers 4, vLLM loaders that want per-expert names) read
+them too. The shards are laid out from the converted specs before anything is written
 (`plan_buckets`, a tensor larger than a shard goes alone), so every file name is known in
 advance.
 """
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from weightsync.checkpoint_format import CheckpointFormat
 from weightsync.transport import TensorSpec, plan_buckets, spec_of
 
 DEFAULT_SHARD_BYTES = 2 << 30
@@ -54,15 +61,20 @@ def write_hf_streaming(
     out_dir: str | Path,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> list[Path]:
-    """Write the tensors (exactly those `specs` names, in that order) as a Hugging Face model
-    directory with shards of at most shard_bytes; returns the weight files written (shards,
-    then the index if any). Each tensor is copied to CPU as it arrives, so the iterator may
-    free it as soon as it is asked for the next one."""
+    """Write the tensors (exactly those `specs` names, in that order: the model's in-memory
+    names) as a Hugging Face model directory in checkpoint names, with shards of at most
+    shard_bytes; returns the weight files written (shards, then the index if any). Each tensor
+    is copied to CPU as it arrives, so the iterator may free it as soon as it is asked for the
+    next one."""
     if shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be > 0, got {shard_bytes}")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError("export specs name a tensor more than once (tied weights must be deduplicated first)")
+    checkpoint = CheckpointFormat.for_model_dir(source_model_dir)
+    if checkpoint is not None:
+        specs = checkpoint.specs(specs)
+        named_tensors = checkpoint.convert(_checked(named_tensors, names), names)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     copy_model_files(source_model_dir, out)
@@ -99,6 +111,22 @@ def write_hf_streaming(
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         written.append(out / INDEX_FILE)
     return written
+
+
+def _checked(named: Iterable[tuple[str, torch.Tensor]], names: list[str]) -> Iterable[tuple[str, torch.Tensor]]:
+    """The tensors, refused where they leave the specs' names (checked before conversion
+    renames them; shapes and dtypes are checked after, against the converted specs)."""
+    tensors = iter(named)
+    for expected in names:
+        item = next(tensors, None)
+        if item is None:
+            return  # the writer names what it ran out at
+        if item[0] != expected:
+            raise ValueError(f"export got {item[0]} where the specs have {expected}")
+        yield item
+        del item
+    if next(tensors, None) is not None:
+        raise ValueError("export got more tensors than the specs name")
 
 
 def _remove_stale_weights(out: Path, keep: set[str]) -> None:

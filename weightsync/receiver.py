@@ -2,7 +2,10 @@
 called through collective_rpc.
 
 They run in the worker process, next to the model: joining the learner's weight group and
-loading what it broadcasts in place, without restarting the engine. Loading goes through
+loading what it broadcasts in place, without restarting the engine. The learner sends its
+transformers names; those vLLM's loader does not take as they are (Mixture-of-Experts
+families whose checkpoint names differ from transformers' fused ones, e.g. Mixtral) are
+converted to the checkpoint's on the way in (weightsync.vllm_names). Loading goes through
 vLLM's `reload_weights`, which maps checkpoint names onto fused layers (qkv, gate_up) and
 re-runs the kernel-format processing some backends (CPU among them) apply after loading;
 the CPU packing it leaves stale (tied output layers, MoE experts) is redone here.
@@ -14,12 +17,14 @@ import torch
 
 from weightsync import transport as wb
 from weightsync.moe_repack import repack_cpu_moe_experts
+from weightsync.vllm_names import LearnerNames
 
 
 class VespoWorkerExtension:
     """Mixed into vLLM's worker class: `self.model_runner`, `self.rank` and `self.device` are the worker's."""
 
     _vespo_group: wb.WeightGroup | None = None
+    _vespo_names: LearnerNames | None = None
 
     def vespo_init_weight_group(
         self, host: str, port: int, rank_offset: int, world_size: int, backend: str, secret: str, bind: str
@@ -44,7 +49,8 @@ class VespoWorkerExtension:
             for bucket in wb.receive(group, plan, self.device):
                 yield from bucket
 
-        self.model_runner.reload_weights(weights_iterator=named())
+        names = [spec.name for bucket in plan for spec in bucket]
+        self.model_runner.reload_weights(weights_iterator=self._vespo_learner_names().to_vllm(named(), names))
         self._vespo_repack()
         return sum(wb.bucket_bytes_of(b) for b in plan)
 
@@ -55,9 +61,22 @@ class VespoWorkerExtension:
 
         with safe_open(path, framework="pt", device="cpu") as f:
             names = list(f.keys())
-            self.model_runner.reload_weights(weights_iterator=((n, f.get_tensor(n).to(self.device)) for n in names))
+            named = ((n, f.get_tensor(n).to(self.device)) for n in names)
+            self.model_runner.reload_weights(weights_iterator=self._vespo_learner_names().to_vllm(named, names))
         self._vespo_repack()
         return len(names)
+
+    def _vespo_learner_names(self) -> LearnerNames:
+        """How this worker's model takes the learner's names; built on the first update (a
+        meta-device transformers model of the config: no weights) and kept."""
+        if self._vespo_names is None:
+            self._vespo_names = LearnerNames(self.model_runner.get_model(), self.model_runner.model_config.hf_config)
+        return self._vespo_names
+
+    def vespo_converted_names(self, names: list[str]) -> list[str]:
+        """Which of these learner names this worker converts to checkpoint names before loading
+        (sorted), for checks: none for dense models and Qwen3-MoE."""
+        return sorted(self._vespo_learner_names().converted(names))
 
     def _vespo_repack(self) -> None:
         """Redo the CPU backend's kernel-format packing that `reload_weights` leaves stale."""
