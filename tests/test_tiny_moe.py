@@ -76,6 +76,14 @@ def generate(stack, tag: str):
     return result.trajectories
 
 
+def with_signal(trajs):
+    """The samples with rewards alternating inside every group: a step on them always has a
+    gradient (sampled rewards can leave every group uniform, and the advantages all 0)."""
+    for i, t in enumerate(trajs):
+        t.reward = float(i % 2)
+    return trajs
+
+
 def max_gap(trajs, model) -> float:
     return max(
         (reference_logprobs(model, t.prompt_ids, t.response_ids) - torch.tensor(t.behavior_logprobs)).abs().max().item()
@@ -149,7 +157,7 @@ def test_vllm_cpu_refuses_to_return_routed_experts(monkeypatch, v2_runner, reaso
 def test_a_zero3_step_reaches_the_engine_through_the_weight_group(stack):
     learner, engine = stack["learner"], stack["engine"]
     before = learner.full_state_dict()
-    metrics = learner.train_step(learner.make_batch(generate(stack, "train"))).metrics
+    metrics = learner.train_step(learner.make_batch(with_signal(generate(stack, "train")))).metrics
     after = learner.full_state_dict()
     assert np.isfinite(metrics["actor/loss"]) and metrics["actor/grad_norm"] > 0
     assert metrics["routing/agreement"] == 1.0  # the learner routes as the engine did, at the same weights
@@ -176,7 +184,7 @@ def test_zero0_trains_a_step(stack):
     learner = LearnerGroup(LearnerConfig(model_path=stack["path"], zero_stage=0, lr=3e-3))
     try:
         before = learner.full_state_dict()
-        metrics = learner.train_step(learner.make_batch(generate(stack, "zero0"))).metrics
+        metrics = learner.train_step(learner.make_batch(with_signal(generate(stack, "zero0")))).metrics
         after = learner.full_state_dict()
     finally:
         learner.shutdown()

@@ -6,9 +6,9 @@ the core count), with a Qwen3-MoE in place of the Llama: 2 layers, each with a r
 experts of which 2 serve every token (their weights renormalised to sum to 1), no shared
 expert. It exercises what a dense model does not: transformers 5 keeps the experts as fused
 3-D parameters (`mlp.experts.gate_up_proj` (experts, 2 x intermediate, hidden) and
-`mlp.experts.down_proj`), which the learner trains, broadcasts and exports under those names,
-and vLLM loads them into its fused-MoE layer as they are (after an update its CPU backend
-needs them packed again: weightsync.moe_repack).
+`mlp.experts.down_proj`), which the learner trains and broadcasts under those names; vLLM
+loads them into its fused-MoE layer as they are (after an update its CPU backend needs them
+packed again: weightsync.moe_repack), and exports hold the per-expert checkpoint names.
 
 The experts learn the one-digit sums much faster than `tiny`'s dense MLP, so the warm-up is
 shorter. Accuracy on all 100 one-digit sums ("a+b=" prompts, transformers generate; sampled at
