@@ -143,7 +143,7 @@ class VllmEngine:
         if final is None:
             raise RuntimeError(f"vLLM returned nothing for request {request_id}")
         routed = await self._routed(final, request_id)
-        return [_completion(c, version_start, self.version, len(prompt_ids), routed.get(c.index))
+        return [_completion(c, version_start, self.version, len(prompt_ids), routed.get(c.index) if routed else None)
                 for c in final.outputs]  # fmt: skip
 
     async def _routed(self, final, request_id: str) -> dict[int, np.ndarray]:
