@@ -1,9 +1,10 @@
-"""LoRA training (learner.lora): a PEFT adapter trains, the engines receive merged full weights.
+"""LoRA training (learner.lora): a PEFT adapter trains; the engines receive the adapter alone.
 
-The rollout engines, the weight group and exports all speak the base model's parameter names
-and shapes. So the adapter never leaves the learner: every weight that goes out is the base
-model's, by its own name, and each LoRA target goes out merged, W + (alpha / rank) B A, computed
-one parameter at a time (gathered under ZeRO-3) so no rank ever holds the model twice.
+A weight sync sends only the adapter (sync_weights / sync_gathered): every target's A and B by
+the names PEFT saves them under, which is what vLLM's LoRA loader parses, with the scale
+alpha / rank folded into B so the engines need no config to apply it. Exports and `full_state_dict`
+speak the base model's names and shapes: each LoRA target goes out merged, W + (alpha / rank) B A,
+computed one parameter at a time (gathered under ZeRO-3) so no rank ever holds the model twice.
 
 PEFT renames what it wraps: the model sits under `base_model.model.`, a target's own weight
 becomes `<module>.base_layer.weight` and its adapter `<module>.lora_A.default.weight` and
@@ -84,6 +85,34 @@ def gathered(module: torch.nn.Module, entries: Iterable[Named]) -> Iterator[Name
             with torch.no_grad():  # PEFT's own merge formula (its scaling, fan-in/fan-out layout)
                 merged = tensor.detach() + layer.get_delta_weight(ADAPTER).to(tensor.dtype)
         yield name, merged  # a copy of its own: the gathered shards may go
+
+
+def sync_weights(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """What one weight sync sends, in order: under LoRA the adapter's A and B of every target
+    (PEFT's saved names: `base_model.model.<module>.lora_A.weight`), else named_weights."""
+    if not is_wrapped(module):
+        return named_weights(module)
+    adapter = [(n, p) for n, p in module.named_parameters() if _ADAPTER_TENSOR.search(n)]
+    other = sorted({n for n, _ in adapter if not re.search(r"\.lora_[AB]\.", n)})
+    if other:  # embedding adapters, DoRA magnitudes: not what the engines' LoRA layers take
+        raise ValueError(f"learner.lora: only linear layers' lora_A/lora_B can be sent to the engines, not {other[0]}")
+    return [(n.replace(f".{ADAPTER}.", "."), p) for n, p in adapter]
+
+
+def sync_gathered(module: torch.nn.Module, entries: Iterable[Named]) -> Iterator[Named]:
+    """(name, full tensor) for each of `entries` (from sync_weights), gathered one at a time under
+    ZeRO-3; an adapter's B comes out scaled by its layer's alpha / rank."""
+    if not is_wrapped(module):
+        yield from gathered(module, entries)
+        return
+    import deepspeed
+
+    scales = {f"base_model.model.{weight.removesuffix('.weight')}.lora_B.weight": layer.scaling[ADAPTER]
+              for weight, layer in _targets(module).items()}  # fmt: skip
+    for name, tensor in entries:
+        with deepspeed.zero.GatheredParameters([tensor], enabled=hasattr(tensor, "ds_id")):
+            scale = scales.get(name)
+            yield name, tensor.detach() if scale is None else tensor.detach() * scale
 
 
 def _targets(module: torch.nn.Module) -> dict[str, torch.nn.Module]:

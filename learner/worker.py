@@ -16,8 +16,9 @@ import torch
 
 from learner import lora
 from learner.batching import TrainBatch
+from learner.checkpoint import adapter
 from learner.checkpoint.deepspeed_state import WeightsOnlyCheckpointEngine, load_rng, save_rng
-from learner.checkpoint.reader import DEEPSPEED_TAG, CheckpointError
+from learner.checkpoint.reader import ADAPTER_DIR, DEEPSPEED_TAG, CheckpointError
 from learner.config import LearnerConfig
 from learner.deepspeed_config import deepspeed_config
 from learner.divergence_metrics import LagKL, staleness_metrics
@@ -327,16 +328,20 @@ class LearnerWorker:
         return lora.gathered(self.engine.module, entries)
 
     def save_checkpoint(self, staged_dir: str) -> None:
-        """Write this rank's part of a checkpoint into the staging directory (see learner.checkpoint)."""
+        """Write this rank's part of a checkpoint into the staging directory (see learner.checkpoint);
+        under LoRA the adapter, not the frozen base (learner.checkpoint.adapter)."""
         path = Path(staged_dir)
-        self.engine.save_checkpoint(
-            str(path / "deepspeed"), tag=DEEPSPEED_TAG, client_state={"step": self.step_count}, save_latest=False
-        )
+        with adapter.adapter_only_state(self.engine) as options:  # {} for a plain model
+            self.engine.save_checkpoint(str(path / "deepspeed"), tag=DEEPSPEED_TAG,
+                                        client_state={"step": self.step_count}, save_latest=False, **options)  # fmt: skip
+        if lora.is_wrapped(self.engine.module):  # collective under ZeRO-3
+            adapter.save_adapter(self.engine.module, path / ADAPTER_DIR, self.cfg.model_path, self.rank == 0)
         save_rng(path, self.rank)
 
     def load_checkpoint(self, checkpoint_dir: str) -> int:
         path = Path(checkpoint_dir)
-        _, client_state = self.engine.load_checkpoint(str(path / "deepspeed"), tag=DEEPSPEED_TAG)
+        options = adapter.load_options(path, self.engine.module)  # LoRA: the adapter; the base is cfg.model_path's
+        _, client_state = self.engine.load_checkpoint(str(path / "deepspeed"), tag=DEEPSPEED_TAG, **options)
         if client_state is None:
             raise CheckpointError(f"DeepSpeed found no state to load in {path / 'deepspeed'}")
         self.step_count = int(client_state["step"])
@@ -365,15 +370,16 @@ class LearnerWorker:
         self.broadcaster.connect()
 
     def weight_plan(self) -> list:
-        """The bucket layout of the full weights (names, dtypes, unpartitioned shapes)."""
+        """The bucket layout of what each sync sends (names, dtypes, unpartitioned shapes): the
+        full weights, or the adapter alone under LoRA (learner.lora.sync_weights)."""
         from weightsync.transport import TensorSpec, plan_buckets, plan_to_wire
 
         specs = [TensorSpec(n, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
-                 for n, p in lora.named_weights(self.engine.module)]  # fmt: skip
+                 for n, p in lora.sync_weights(self.engine.module)]  # fmt: skip
         return plan_to_wire(plan_buckets(specs, self.broadcaster.bucket_bytes))
 
     def broadcast_weights(self, wire_plan: list) -> dict[str, float]:
-        """Send the full weights to every receiver. Collective on all ranks under ZeRO-3 (each
+        """Send the weights (the adapter under LoRA) to every receiver. Collective on all ranks under ZeRO-3 (each
         parameter is gathered in turn, so no rank ever holds the whole model at once); only
         rank 0 sends."""
         from weightsync.transport import plan_from_wire
@@ -387,4 +393,4 @@ class LearnerWorker:
         return {"sync/bytes": float(stats.bytes), "sync/seconds": stats.seconds, "sync/bytes_per_s": stats.bytes_per_s}
 
     def _gathered_parameters(self):
-        return lora.gathered(self.engine.module, lora.named_weights(self.engine.module))
+        return lora.sync_gathered(self.engine.module, lora.sync_weights(self.engine.module))

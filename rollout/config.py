@@ -41,6 +41,9 @@ class RolloutConfig:
     kv_cache_gb: Positive = 1.0
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.85
     tensor_parallel_size: AtLeast1 = 1
+    # the learner's adapter rank: engines serve its adapter from a LoRA slot; 0: updates are full
+    # weights. Unset, the run config derives it from learner.lora
+    lora_rank: AtLeast0 | None = None
     # CPU vLLM: LD_PRELOAD libiomp5 and tcmalloc, where found, into the engine process (rollout.preload;
     # docs/benchmarks.md has the gain); off leaves vLLM to preload torch's libgomp itself
     preload_libs: PreloadLibs = "auto"
@@ -62,6 +65,7 @@ class RolloutConfig:
     # min_tokens = max_tokens; 0 leaves lengths to the model (end-of-sequence), as training wants
     imposed_median_tokens: AtLeast0 = 0
     imposed_length_sigma: Positive = 1.0
+    _derived: tuple[str, ...] = field(default=(), repr=False, compare=False)  # keys the run config filled in
 
     def __post_init__(self) -> None:
         if self.imposed_median_tokens and self.backend == "transformers":

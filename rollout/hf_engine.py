@@ -19,6 +19,7 @@ from rollout.config import RolloutConfig
 from rollout.engine import default_device, resolve_dtype
 from rollout.records import Completion
 from weightsync import transport as wb
+from weightsync.adapter import AdapterMerger, is_adapter
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class TransformersEngine:
         self.device = default_device()
         self.model = None
         self.group: wb.WeightGroup | None = None
+        self._merger: AdapterMerger | None = None  # learner.lora: adapters merged into the model here
         self._model_lock = asyncio.Lock()  # held while a chunk runs or weights are swapped
         self._idle = asyncio.Condition()  # in-flight count, for updates without partial rollout
         self._in_flight = 0
@@ -154,6 +156,11 @@ class TransformersEngine:
             self._load(named, version)
 
     def _load(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
+        if is_adapter(n for n, _ in named):  # learner.lora: merged here, from the base weights kept once
+            self._merger = self._merger or AdapterMerger(self.model)
+            self._merger.load(named)
+            self.version = version
+            return
         params = dict(self.model.named_parameters())
         missing = set(params) - {n for n, _ in named}
         if missing:

@@ -24,6 +24,7 @@ from rollout.config import RolloutConfig
 from rollout.engine import imposed_lengths, moe_experts, resolve_dtype
 from rollout.preload import engine_preload
 from rollout.records import Completion
+from weightsync.adapter import ADAPTER_ID, ADAPTER_NAME, ADAPTER_PATH, is_adapter, vllm_max_rank
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class VllmEngine:
         # an MoE model's routing comes from vLLM ("native", GPU) or from our own hooks ("capture")
         self.routing: str | None = None
         self.moe_layers: list[int] = []  # the MoE layers among the model's layers
+        self.adapter = False  # learner.lora: an adapter is in the engine's LoRA slot (weightsync.adapter)
+        self._base_requests = 0  # learner.lora: requests in flight that started before the first adapter
+        self._base_done = asyncio.Condition()
 
     @property
     def num_receivers(self) -> int:
@@ -74,6 +78,7 @@ class VllmEngine:
             worker_extension_cls=EXTENSION,
             disable_log_stats=True,
             enable_return_routed_experts=self.routing == "native",
+            **_lora_args(cfg.lora_rank),
         )
         started = time.perf_counter()
         with engine_preload(cfg.preload_libs if not on_gpu else "off"):  # the engine process starts in here
@@ -133,12 +138,27 @@ class VllmEngine:
         return await self._generate(prompt_ids, self._sampling(n, max_tokens=max_tokens), request_id)
 
     async def _generate(self, prompt_ids: list[int], sampling, request_id: str) -> list[Completion]:
+        if self.cfg.lora_rank and not self.adapter:
+            if self._update_lock.locked():
+                async with self._update_lock:  # the first adapter is arriving: this request must name it
+                    pass
+            if not self.adapter:  # no await since the check: the first adapter waits for this request
+                self._base_requests += 1
+                try:
+                    return await self._submit(prompt_ids, sampling, request_id)
+                finally:
+                    async with self._base_done:
+                        self._base_requests -= 1
+                        self._base_done.notify_all()
+        return await self._submit(prompt_ids, sampling, request_id)
+
+    async def _submit(self, prompt_ids: list[int], sampling, request_id: str) -> list[Completion]:
         version_start = self.version
         final = None
         # the salt keys the prefix cache by weight version: a new request never reuses KV cached
         # under earlier weights, whatever update_kv does with the requests in flight
         prompt = {"prompt_token_ids": prompt_ids, "cache_salt": f"vespo-w{version_start}"}
-        async for out in self.llm.generate(prompt, sampling, request_id=request_id):
+        async for out in self.llm.generate(prompt, sampling, request_id=request_id, lora_request=self._lora()):
             final = out
         if final is None:
             raise RuntimeError(f"vLLM returned nothing for request {request_id}")
@@ -157,6 +177,15 @@ class VllmEngine:
         return {i: np.frombuffer(data, np.uint8).reshape(tokens, len(self.moe_layers), -1)
                 for i, (data, tokens) in taken.items()}  # fmt: skip
 
+    def _lora(self):
+        """The adapter's request once one is loaded; before that the base model is the adapter
+        (PEFT starts B at zero) and resumed runs load theirs before generating."""
+        if not self.adapter:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(ADAPTER_NAME, ADAPTER_ID, ADAPTER_PATH)
+
     async def init_weight_group(
         self, host: str, port: int, rank_offset: int, world_size: int, backend: str, secret: str, bind: str
     ) -> None:
@@ -164,8 +193,11 @@ class VllmEngine:
         await self.llm.collective_rpc("vespo_init_weight_group", args=args)
 
     async def receive_weights(self, plan_wire: list, version: int) -> int:
-        async with self._paused(version):
+        adapter = is_adapter(name for bucket in plan_wire for name, _, _ in bucket)
+        # requests that started without an adapter cannot take one midway: the first one waits for them
+        async with self._paused(version, drain_base=adapter and not self.adapter):
             received = await self.llm.collective_rpc("vespo_receive_weights", args=(plan_wire,))
+            self.adapter = self.adapter or adapter
         return int(received[0])
 
     async def load_weights(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
@@ -185,8 +217,8 @@ class VllmEngine:
 
         return load((await self.llm.collective_rpc("vespo_weights", args=(names,)))[0])
 
-    def _paused(self, version: int):
-        return _Paused(self, version)
+    def _paused(self, version: int, drain_base: bool = False):
+        return _Paused(self, version, drain_base)
 
     async def shutdown(self) -> None:
         if self.llm is not None:
@@ -200,13 +232,17 @@ class _Paused:
     are preempted when the caches are reset and vLLM recomputes their KV under the new weights
     before continuing. Otherwise new requests queue while in-flight ones finish ("wait")."""
 
-    def __init__(self, engine: VllmEngine, version: int):
-        self.engine, self.version = engine, version
+    def __init__(self, engine: VllmEngine, version: int, drain_base: bool = False):
+        self.engine, self.version, self.drain_base = engine, version, drain_base
 
     async def __aenter__(self):
-        await self.engine._update_lock.acquire()
-        mode = "keep" if self.engine.cfg.partial_rollout else "wait"
-        await self.engine.llm.pause_generation(mode=mode, clear_cache=False)
+        e = self.engine
+        await e._update_lock.acquire()
+        if self.drain_base:  # the lock holds new requests back until the adapter is in
+            async with e._base_done:
+                await e._base_done.wait_for(lambda: e._base_requests == 0)
+        mode = "keep" if e.cfg.partial_rollout else "wait"
+        await e.llm.pause_generation(mode=mode, clear_cache=False)
 
     async def __aexit__(self, exc_type, exc, tb):
         llm = self.engine.llm
@@ -220,6 +256,11 @@ class _Paused:
         finally:
             await llm.resume_generation()
             self.engine._update_lock.release()
+
+
+def _lora_args(rank: int | None) -> dict:
+    """learner.lora: updates are adapters, served from one LoRA slot (weightsync.adapter)."""
+    return dict(enable_lora=True, max_lora_rank=vllm_max_rank(rank), max_loras=1) if rank else {}
 
 
 def _routing(routed: np.ndarray | None, prompt_tokens: int, response_tokens: int) -> np.ndarray | None:

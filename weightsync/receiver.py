@@ -8,7 +8,8 @@ families whose checkpoint names differ from transformers' fused ones, e.g. Mixtr
 converted to the checkpoint's on the way in (weightsync.vllm_names). Loading goes through
 vLLM's `reload_weights`, which maps checkpoint names onto fused layers (qkv, gate_up) and
 re-runs the kernel-format processing some backends (CPU among them) apply after loading;
-the CPU packing it leaves stale (tied output layers, MoE experts) is redone here.
+the CPU packing it leaves stale (tied output layers, MoE experts) is redone here. Under LoRA
+an update is the adapter alone, loaded into vLLM's LoRA slot in memory (weightsync.adapter).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from weightsync import transport as wb
+from weightsync.adapter import is_adapter, load_into_vllm
 from weightsync.moe_repack import repack_cpu_moe_experts
 from weightsync.vllm_names import LearnerNames
 
@@ -49,9 +51,7 @@ class VespoWorkerExtension:
             for bucket in wb.receive(group, plan, self.device):
                 yield from bucket
 
-        names = [spec.name for bucket in plan for spec in bucket]
-        self.model_runner.reload_weights(weights_iterator=self._vespo_learner_names().to_vllm(named(), names))
-        self._vespo_repack()
+        self._vespo_load(named(), [spec.name for bucket in plan for spec in bucket])
         return sum(wb.bucket_bytes_of(b) for b in plan)
 
     def vespo_load_weights_file(self, path: str) -> int:
@@ -61,10 +61,16 @@ class VespoWorkerExtension:
 
         with safe_open(path, framework="pt", device="cpu") as f:
             names = list(f.keys())
-            named = ((n, f.get_tensor(n).to(self.device)) for n in names)
-            self.model_runner.reload_weights(weights_iterator=self._vespo_learner_names().to_vllm(named, names))
-        self._vespo_repack()
+            self._vespo_load(((n, f.get_tensor(n).to(self.device)) for n in names), names)
         return len(names)
+
+    def _vespo_load(self, named, names: list[str]) -> None:
+        """An adapter (learner.lora) goes into vLLM's LoRA slot; full weights replace the model's."""
+        if is_adapter(names):
+            load_into_vllm(self.model_runner, named)
+            return
+        self.model_runner.reload_weights(weights_iterator=self._vespo_learner_names().to_vllm(named, names))
+        self._vespo_repack()
 
     def _vespo_learner_names(self) -> LearnerNames:
         """How this worker's model takes the learner's names; built on the first update (a

@@ -122,6 +122,10 @@ class RunConfig:
                 self.learner, "temperature", self.rollout.temperature, "rollout.temperature",
                 "the learner scores the engines' policy",
             )  # fmt: skip
+        self.rollout = configtypes.derive(
+            self.rollout, "lora_rank", self.learner.lora.rank if self.learner.lora else 0, "learner.lora.rank",
+            "the engines serve the learner's adapter",
+        )  # fmt: skip
         self.buffer = configtypes.derive(
             self.buffer, "groups_per_step", t.groups_per_step, "train.groups_per_step",
             "admission counts the groups the learner takes per step",
