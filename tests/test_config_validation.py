@@ -76,6 +76,7 @@ BAD = [
     ("rollout.kv_cache_gb=0", "rollout.kv_cache_gb must be > 0, got 0"),
     ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization must be in (0, 1], got 1.5"),
     ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size must be >= 1, got 0"),
+    ("rollout.lora_rank=-1", "rollout.lora_rank must be >= 0, got -1"),
     ("rollout.enforce_eager=maybe", "rollout.enforce_eager: expected true or false, got 'maybe'"),
     ("rollout.preload_libs=always", "rollout.preload_libs must be 'auto' or 'off', got 'always'"),
     ("rollout.hf_chunk_tokens=0", "rollout.hf_chunk_tokens must be >= 1, got 0"),
@@ -287,6 +288,11 @@ def test_a_conflicting_derived_key_names_both():
         "buffer.groups_per_step (8) must equal train.groups_per_step (32): admission counts the groups the learner "
         "takes per step; leave it unset"
     )
+    assert error_of(["rollout.lora_rank=8", "learner.lora.rank=16"]) == (
+        "rollout.lora_rank (8) must equal learner.lora.rank (16): the engines serve the learner's adapter; "
+        "leave it unset"
+    )
+    assert run_config.load(None, ["learner.lora.rank=16"]).rollout.lora_rank == 16
 
 
 def test_greedy_rollouts_derive_no_learner_temperature():

@@ -125,6 +125,6 @@ def test_transformers_engine_merges_adapters_from_its_base_weights():
         torch.testing.assert_close(weights[f"{q}.weight"], base[f"{q}.weight"] + delta)
         assert all(torch.equal(weights[n], base[n]) for n in base if n != f"{q}.weight")
         assert engine.version == version
+    nope = [(f"base_model.model.model.nope.lora_{ab}.weight", torch.zeros(1, 1)) for ab in "AB"]
     with pytest.raises(ValueError, match="lacks"):
-        AdapterMerger(engine.model).load([("base_model.model.model.nope.lora_A.weight", torch.zeros(1, 1)),
-                                          ("base_model.model.model.nope.lora_B.weight", torch.zeros(1, 1))])  # fmt: skip
+        AdapterMerger(engine.model).load(nope)

@@ -272,7 +272,7 @@ class Controller:
                   "refused_connections": total}  # fmt: skip
         metrics.update({f"faults/{k}": float(v) for k, v in faults.items()})
         clock = self.clock()
-        metrics.update({f"time/{k}_s": v for k, v in clock.items()})
+        metrics.update({f"time/{k}_s": v for k, v in clock.items()}, **{"sync/bytes": float(self.weights.bytes)})
         self.step_clocks.append({"wall": time.perf_counter() - self._loop_started, **clock})
         shown = []
         if cfg.eval_every and self.step % cfg.eval_every == 0:

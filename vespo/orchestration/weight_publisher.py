@@ -17,6 +17,7 @@ import numpy as np
 
 from vespo.orchestration.contracts import EngineDown, EngineLost, Learner
 from vespo.orchestration.fleet import EngineFleet
+from weightsync.transport import bucket_bytes_of, plan_from_wire
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class WeightPublisher:
         self.version = 0  # the engines' weights: the learner step they were published at
         self.seconds = 0.0  # time spent publishing (the `sync` clock)
         self.plan: list = []
+        self.bytes = 0  # what one publish sends each engine: the full weights, or the adapter under LoRA
 
     def form(self) -> None:
         """(Re)build the learner -> engines group: rank 0 is the learner, then every receiver of
@@ -42,6 +44,7 @@ class WeightPublisher:
         for pending in [connected, *joins]:
             pending.result()
         self.plan = self.learner.weight_plan()
+        self.bytes = sum(bucket_bytes_of(b) for b in plan_from_wire(self.plan))
 
     def publish(self, version: int) -> None:
         """Every engine generates with the learner's weights of step `version` from now on."""
