@@ -78,6 +78,7 @@ def test_the_tiny_models_tokenizer_keeps_a_step_at_nine_tokens(tmp_path):
     assert len(tok(working)["input_ids"]) == 9 * 13 - 1  # digits single tokens, no merge across steps
 
 
+@pytest.mark.slow  # CI time; bench.staleness_sweep --config deploy/configs/long_answers.yaml runs this path per cell
 def test_long_answers_train_async_under_a_divergence_budget(tmp_path):
     """The user's path: the long-answer task on a model trained for it, async, with staleness
     capped in nats. The run trains, the learner reports KL by lag, and the cap it sets is logged."""

@@ -52,6 +52,7 @@ def test_the_key_is_checked():
         RolloutConfig(preload_libs="yes")
 
 
+@pytest.mark.slow  # CI time: two engine starts; bench.real_model --preload-ab measures what auto gains
 @pytest.mark.skipif(not IOMP, reason="libiomp5.so not found (the intel-openmp wheel puts it in the venv)")
 def test_the_vllm_engine_process_loads_libiomp5_only_with_auto():
     """Real engines on the tiny model: with auto, libiomp5 is mapped in vLLM's processes and the
