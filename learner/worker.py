@@ -330,10 +330,10 @@ class LearnerWorker:
     def save_checkpoint(self, staged_dir: str) -> None:
         """Write this rank's part of a checkpoint into the staging directory (see learner.checkpoint);
         under LoRA the adapter, not the frozen base (learner.checkpoint.adapter)."""
-        path = Path(staged_dir)
+        path, state = Path(staged_dir), {"step": self.step_count}
         with adapter.adapter_only_state(self.engine) as options:  # {} for a plain model
-            self.engine.save_checkpoint(str(path / "deepspeed"), tag=DEEPSPEED_TAG,
-                                        client_state={"step": self.step_count}, save_latest=False, **options)  # fmt: skip
+            self.engine.save_checkpoint(str(path / "deepspeed"), tag=DEEPSPEED_TAG, client_state=state,
+                                        save_latest=False, **options)  # fmt: skip
         if lora.is_wrapped(self.engine.module):  # collective under ZeRO-3
             adapter.save_adapter(self.engine.module, path / ADAPTER_DIR, self.cfg.model_path, self.rank == 0)
         save_rng(path, self.rank)

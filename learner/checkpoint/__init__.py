@@ -5,6 +5,8 @@ Layout of one checkpoint, root/step_00000042/:
     deepspeed/   DeepSpeed's own per-rank model, optimizer and scheduler state
     rng/         each rank's torch RNG state (safetensors)
     model/       the full weights as a Hugging Face directory (safetensors), for export
+    adapter/     under learner.lora: the adapter in PEFT's format, and deepspeed/ holds no base
+                 weight (learner.checkpoint.adapter)
     buffer/      the replay buffer's snapshot, when the caller supplies one
     controller/  the controller's state.json, when the caller supplies one
     meta.json    step, policy version, layout and the manifest: every other file's size and

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEEPSPEED_TAG = "state"
+MODEL_DIR = "model"  # full fine-tuning: the full weights as a Hugging Face directory
+ADAPTER_DIR = "adapter"  # LoRA (learner.checkpoint.adapter): the adapter in PEFT's format, no base weights
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LATEST = "latest"
 META = "meta.json"
 FORMAT = 2  # 2: meta.json holds the manifest of every file; 1 (older) had none
@@ -149,6 +153,10 @@ def validate(path: str | Path, verify: bool = True) -> Path:
     ranks = [r for r in range(meta.world_size) if f"rng/rank_{r}.safetensors" not in meta.files]
     if ranks:
         raise CheckpointError(f"checkpoint {path} lacks the RNG state of rank(s) {ranks}")
+    if any(rel.startswith(ADAPTER_DIR + "/") for rel in meta.files):  # a LoRA checkpoint: its adapter whole
+        lacking = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if f"{ADAPTER_DIR}/{f}" not in meta.files]
+        if lacking:
+            raise CheckpointError(f"checkpoint {path} holds a LoRA adapter without {ADAPTER_DIR}/{lacking[0]}")
     return path
 
 

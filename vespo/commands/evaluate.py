@@ -5,7 +5,7 @@ configured fallback), so the numbers are those `eval/*` shows during training, a
 model and any checkpoint can be compared on equal terms:
 
     vespo eval                                           # the embedded run's starting model
-    vespo eval --checkpoint runs/vespo/checkpoints       # its latest checkpoint
+    vespo eval --checkpoint runs/vespo/checkpoints       # its latest checkpoint (LoRA: adapter merged in)
 """
 
 from __future__ import annotations
@@ -45,11 +45,31 @@ def checkpoint_model(path: str | Path) -> str:
     """The Hugging Face model inside a checkpoint: a step directory (with model/) or a
     checkpoints root (the step its `latest` names). The checkpoint is verified first (every
     file against its manifest), so a half-written step_N.tmp or a truncated one is refused
-    with CheckpointError rather than evaluated."""
+    with CheckpointError rather than evaluated. A LoRA checkpoint (adapter/, no base weights)
+    is merged into its base model, written to a temporary directory removed at exit."""
+    from learner.checkpoint.reader import ADAPTER_CONFIG, ADAPTER_DIR, MODEL_DIR
+
     found = checkpoint.latest(path)
-    if not (found / "model" / "config.json").is_file():
-        raise checkpoint.CheckpointError(f"checkpoint {found} has no exported model (model/config.json)")
-    return str(found / "model")
+    if (found / MODEL_DIR / "config.json").is_file():
+        return str(found / MODEL_DIR)
+    if not (found / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        raise checkpoint.CheckpointError(
+            f"checkpoint {found} has no exported model ({MODEL_DIR}/config.json) and no LoRA adapter ({ADAPTER_DIR}/)"
+        )
+    import atexit
+    import shutil
+    import tempfile
+
+    from learner.checkpoint.adapter import merge_into_base
+
+    merged = tempfile.mkdtemp(prefix=f"vespo-eval-{found.name}-merged-")
+    atexit.register(shutil.rmtree, merged, ignore_errors=True)
+    merge_into_base(found / ADAPTER_DIR, merged)
+    _MERGED[merged] = f"{found} (LoRA adapter merged into its base model)"
+    return merged
+
+
+_MERGED: dict[str, str] = {}  # checkpoint_model's merged directories -> what to call them
 
 
 def evaluate(
@@ -129,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         Console(stderr=True).print(f"[red]eval error:[/] {err}", soft_wrap=True, highlight=False)
         sys.exit(2)
     r = evaluate(cfg, model, args.prompts, args.samples, args.examples)
+    r.model = _MERGED.get(r.model, r.model)
     console.print(
         f"[bold]eval[/] {r.model}: {r.prompts} held-out prompts x {r.samples_per_prompt} sample(s) at temperature "
         f"{r.temperature:g}\n  mean reward {r.mean_reward:.4f}  accuracy {r.accuracy:.4f}  "
