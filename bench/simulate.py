@@ -3,6 +3,7 @@ admission code driving simulated engines and learner ranks at the paper's layout
 
     python -m bench.simulate [--sync-steps 10] [--async-steps 20] [--sweep 48 96 192 384] [--sweep-steps 16]
                              [--scale 250] [--caps 2] [--budgets 0.001 0.0015] [--model qwen3-30b-a3b]
+                             [--lora-rank 16 [--lora-targets q_proj k_proj v_proj o_proj]]
 
 Engines are continuous-batching decoders and the learner a data-parallel group, timed by the
 cost model of bench/sim_model.py (a 7B model on H100s); the clock runs `scale` times faster
@@ -14,6 +15,8 @@ against `buffer.divergence_budget` admission, the learner reporting KL by lag fr
 model's drift per version, on throughput (learner idle, samples dropped, the cap in force).
 With --model, another profile of vespo/config/model_profile.py (qwen3-30b-a3b: MoE, engines
 of TP 4 on the same 48 rollout GPUs, ZeRO-3), and its memory, broadcast and FLOPs lines.
+With --lora-rank (learner.lora), the learner trains an adapter on --lora-targets: syncs send
+the adapter alone, the learner's FLOPs and ZeRO-3 grads are the adapter's (lora_cost_model).
 One process, one run; compare the figures within it.
 """
 
@@ -26,8 +29,20 @@ import time
 
 import numpy as np
 
-from bench.sim_model import MICRO_BATCH_TOKENS, RAY_CALL_CPU_S, RAY_CALL_S, CostModel
+from bench.sim_model import (
+    BROADCAST_BYTES_S,
+    BROADCAST_LATENCY_S,
+    H100_BF16_FLOPS,
+    LEARNER_NET_BYTES_S,
+    MICRO_BATCH_TOKENS,
+    RAY_CALL_CPU_S,
+    RAY_CALL_S,
+    TRAIN_MFU,
+    WEIGHT_BYTES,
+    CostModel,
+)  # fmt: skip
 from bench.sim_run import Layout, SimResult, simulate
+from learner.config import LLAMA_PROJECTIONS
 from vespo.config import model_profile
 
 PUBLISHED = "AReaL: up to 2.77x (arXiv 2505.24298); veRL fully-async recipe: 2.35-2.67x on 128 GPUs (Qwen2.5-7B)"
@@ -182,15 +197,35 @@ def bottleneck(results: list[SimResult]) -> list[str]:
     ]
 
 
-def profile_lines(profile: model_profile.ModelProfile, model: CostModel, base: Layout) -> list[str]:
+def profile_lines(profile: model_profile.ModelProfile, model: CostModel, base: Layout,
+                  adapter: model_profile.Adapter | None = None) -> list[str]:  # fmt: skip
     """Memory per learner rank, broadcast bytes, decode and training FLOPs of the profile on the
     layout (model_profile.describe), a step's tokens at the cost model's mean length."""
     sequences, length = base.groups_per_step * base.n, model.prompt_tokens + model.mean_length
     return model_profile.describe(
         profile, zero_stage=profile.zero_stage, ranks=base.ranks, bf16=True, micro_batch_tokens=MICRO_BATCH_TOKENS,
         tp=profile.engine_gpus, receivers=base.engines * profile.engine_gpus, step_tokens=sequences * length,
-        step_note=f"{sequences} sequences of {length:.0f} tokens, the mean",
+        step_note=f"{sequences} sequences of {length:.0f} tokens, the mean", adapter=adapter,
     )  # fmt: skip
+
+
+def lora_cost_model(model: CostModel, adapter: model_profile.Adapter, ranks: int) -> CostModel:
+    """The cost model of a learner.lora run: a sync sends the adapter (at the broadcast rate,
+    its load time scaled by its bytes a GPU as CostModel.of scales full weights'); a token costs
+    the learner 4 FLOPs a frozen active parameter and 6 an adapter one (same MFU assumed), and
+    ZeRO-3 gathers the weights as before but reduce-scatters only the adapter's grads."""
+    p = adapter.profile
+    sent = adapter.sync_bytes()
+    broadcast_s = sent / BROADCAST_BYTES_S + BROADCAST_LATENCY_S * (sent / p.engine_gpus) / WEIGHT_BYTES
+    rate = TRAIN_MFU * H100_BF16_FLOPS / model_profile.train_flops(p, 1, adapter)
+    note = f"learner (LoRA): {rate:.0f} tokens/s a rank from compute"
+    if p.zero_stage == 3:
+        traffic = model_profile.zero3_traffic_bytes(p, ranks, adapter)
+        rate = min(rate, MICRO_BATCH_TOKENS * LEARNER_NET_BYTES_S / traffic)
+        note += f", {MICRO_BATCH_TOKENS * LEARNER_NET_BYTES_S / traffic:.0f} from ZeRO-3's {traffic / 1e9:.0f} GB"
+    note += f"; sync of the adapter ({sent / 1e6:.1f} MB) {broadcast_s:.3f} s"
+    return dataclasses.replace(model, broadcast_s=broadcast_s, train_tokens_s_per_rank=rate,
+                               notes=(*model.notes, note))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,11 +250,16 @@ def main(argv: list[str] | None = None) -> None:
         help="fixed version caps to compare with the budgets, besides 4 (only with --budgets)",
     )
     p.add_argument("--model", choices=sorted(model_profile.PROFILES), default=model_profile.QWEN25_7B.name)
+    p.add_argument("--lora-rank", type=int, default=0, help="learner.lora.rank: train and sync an adapter (0: off)")
+    p.add_argument("--lora-targets", nargs="+", default=list(LLAMA_PROJECTIONS), help="learner.lora.target_modules")
     args = p.parse_args(argv)
     started = time.perf_counter()
     profile = model_profile.PROFILES[args.model]
+    adapter = model_profile.Adapter.of(profile, args.lora_rank, args.lora_targets) if args.lora_rank > 0 else None
     base = dataclasses.replace(BASE, engines=BASE.engines // profile.engine_gpus)  # the same 48 rollout GPUs
     model = CostModel.of(profile, BASE.ranks)
+    if adapter is not None:
+        model = lora_cost_model(model, adapter, BASE.ranks)
     model.driver_cell_s = driver_cell_s(model)
     print("cost model (bench/sim_model.py):")
     for line in model.describe():
@@ -227,9 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"  padded-batch build in the controller's process: {model.driver_cell_s * 1e9:.1f} ns a cell (measured here)"
     )
-    if profile is not model_profile.QWEN25_7B:
+    if profile is not model_profile.QWEN25_7B or adapter is not None:
         print(f"model (vespo/config/model_profile.py) on {BASE.engines} rollout + {BASE.ranks} learner GPUs:")
-        for line in profile_lines(profile, model, base):
+        for line in profile_lines(profile, model, base, adapter):
             print("  " + line)
     tp = f" of TP {profile.engine_gpus}" if profile.engine_gpus > 1 else ""
     print(f"layout: {base.engines} engines{tp}, {base.ranks} learner ranks, {base.groups_per_step} prompts x {base.n} "

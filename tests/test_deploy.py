@@ -58,6 +58,24 @@ def test_dry_run_prints_what_an_moe_costs_the_layout(capsys):
     assert "8 of 128 a layer at 1 sequence (6.7 GB in all)" in out and "expert parallelism (not in this learner" in out
 
 
+def test_dry_run_prints_what_lora_costs_the_layout(capsys):
+    """learner.lora.rank=16 on the 30B layout: the adapter of the attention projections is what
+    syncs (48 layers x 16 x (in + out) of q, k, v, o, 2 bytes each), the learner keeps the frozen
+    weights and the adapter's state only, and needs far fewer ranks than full fine-tuning."""
+    config, cluster = DEPLOY / "configs" / "paper_async_30b.yaml", DEPLOY / "cluster.yaml"
+    plan_command.main([str(config), "learner.lora.rank=16", "--cluster", str(cluster), "--model", "qwen3-30b-a3b"])
+    out = capsys.readouterr().out
+    adapter = 48 * 16 * ((2048 + 4096) + 2 * (2048 + 512) + (4096 + 2048))
+    assert f"= {adapter / 1e6:.2f}M adapter parameters" in out and "LoRA rank 16 (syncs send the adapter only)" in out
+    assert f"weight sync: {2 * adapter / 1e6:.1f} MB an update, the adapter only" in out
+    assert "full fine-tuning sends 61.1 GB" in out and "max_lora_rank 16" in out
+    assert "gate_proj, up_proj, down_proj: no such module in qwen3-30b-a3b: its experts are fused" in out
+    assert "(ZeRO-3 over 16 rank(s), bf16, LoRA): frozen weights 3.8 + adapter 0.002 + fp32 master 0.003" in out
+    assert "= 5.8 GB" in out and "= 32.5 GB" not in out  # full fine-tuning's state is 32.5 GB a rank
+    assert "at micro_batch_tokens 8192: LoRA 2, full fine-tuning 15" in out
+    assert "expert parallelism" not in out  # experts frozen: no training state to place
+
+
 def test_dry_run_says_what_does_not_fit(capsys):
     with pytest.raises(SystemExit) as exit_info:
         config, cluster = DEPLOY / "configs" / "paper_async_30b.yaml", DEPLOY / "cluster.yaml"

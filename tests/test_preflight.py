@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vespo.config import run_config
-from vespo.config.preflight import PreflightError, check
+from vespo.config.preflight import PreflightError, check, vllm_lora_support
 from vespo.models import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +111,49 @@ def test_the_cli_refuses_in_seconds_with_one_line_on_stderr(tmp_path):
     assert len(lines) == 1 and "missing.parquet" in lines[0] and "does not exist" in lines[0], done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     assert elapsed < 30, f"refusing took {elapsed:.0f}s"  # nothing was started: no Ray, no engine
+
+
+def tiny_stablelm(tmp_path: Path) -> Path:
+    """A random 2-layer StableLM with the tiny model's tokenizer: an architecture vLLM serves with
+    a model class of its own that takes no LoRA, whose projections are named as Llama's."""
+    import torch
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    model = tmp_path / "tiny-stablelm"
+    torch.manual_seed(0)
+    StableLmForCausalLM(StableLmConfig(vocab_size=261, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                       eos_token_id=1, pad_token_id=0)).save_pretrained(model)  # fmt: skip
+    for f in Path(resolve_model("tiny")).iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copy(f, model / f.name)
+    return model
+
+
+def test_lora_on_a_model_vllm_cannot_serve_with_lora_is_refused(tmp_path):
+    """learner.lora with vLLM engines: the model's vLLM class must take LoRA (asked in a process
+    of its own: the driver never imports vLLM), the rank must be one vLLM serves, and each target
+    a linear layer; the transformers backend merges the adapter itself and is not asked."""
+    vllm_before = "vllm" in sys.modules
+    stablelm = tiny_stablelm(tmp_path)
+    # both architectures asked in one process: vLLM's import, the slow part, once
+    support = vllm_lora_support("StableLmForCausalLM", "LlamaForCausalLM")
+    assert not support["StableLmForCausalLM"]["lora"] and support["LlamaForCausalLM"]["lora"]
+    with pytest.raises(PreflightError) as err:
+        check(config(f"model={stablelm}", "learner.lora.rank=8"))
+    assert str(err.value) == (
+        f"learner.lora: vLLM cannot serve model {stablelm} with a LoRA adapter (its StablelmForCausalLM for "
+        "StableLmForCausalLM does not support LoRA); set learner.lora: null (full fine-tuning) or rollout.backend "
+        "transformers"
+    )
+    check(config(f"model={stablelm}"))  # full fine-tuning: vLLM serves it
+    check(config(f"model={stablelm}", "learner.lora.rank=8", "rollout.backend=transformers"))
+
+    check(config("learner.lora.rank=16"))  # the tiny Llama: vLLM's LlamaForCausalLM takes LoRA
+    with pytest.raises(PreflightError, match=r"^learner.lora.rank 1024 is over the largest LoRA rank vLLM serves"):
+        check(config("learner.lora.rank=1024"))
+    with pytest.raises(PreflightError) as err:
+        check(config("learner.lora.target_modules=[q_proj, input_layernorm]"))
+    assert str(err.value).startswith("learner.lora.target_modules: 'input_layernorm' of model tiny is a LlamaRMSNorm, "
+                                      "not a linear layer: vLLM's LoRA takes linear layers here")  # fmt: skip
+    assert vllm_before or "vllm" not in sys.modules

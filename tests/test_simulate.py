@@ -152,3 +152,42 @@ def test_zero_shards_learner_memory_over_the_ranks():
     assert per_rank[1] == pytest.approx(moe.params + 2e9)
     at_stage_2 = state_bytes(moe, 2, 16)
     assert at_stage_2["weights"] == 2 * moe.params and at_stage_2["grads"] == 2 * moe.params / 16
+
+
+def test_a_lora_adapter_is_what_syncs_and_trains():
+    """learner.lora on a profile: a sync carries rank x (in + out) values of each target in each
+    layer, in the learner's dtype; the frozen base keeps only its weights, so memory drops."""
+    from learner.config import LLAMA_PROJECTIONS
+    from vespo.config.model_profile import QWEN3_30B_A3B as moe
+    from vespo.config.model_profile import QWEN25_7B as dense
+    from vespo.config.model_profile import Adapter, ranks_needed, state_bytes
+
+    a = Adapter.of(dense, 8, LLAMA_PROJECTIONS)
+    # Qwen2.5-7B: hidden 3584, q 28 x 128, k and v 4 x 128, MLP 18944; 28 layers
+    per_layer = (3584 + 3584) + 2 * (3584 + 512) + (3584 + 3584) + 3 * (3584 + 18944)
+    assert a.params == 28 * 8 * per_layer == 20_185_088 and not a.missed
+    assert a.sync_bytes(bf16=True) == 2 * a.params and a.sync_bytes(bf16=False) == 4 * a.params
+    # the experts of Qwen3-30B-A3B are fused parameters: the MLP names reach nothing, attention does
+    b = Adapter.of(moe, 16, ["self_attn.q_proj", *LLAMA_PROJECTIONS[1:]])
+    assert b.reached == ["q_proj", "k_proj", "v_proj", "o_proj"] and b.missed == ["gate_proj", "up_proj", "down_proj"]
+    assert b.params == 48 * 16 * ((2048 + 4096) + 2 * (2048 + 512) + (4096 + 2048)) == 13_369_344
+    assert b.sync_bytes() < moe.weight_bytes / 2000
+
+    full, lora = state_bytes(moe, 3, 16), state_bytes(moe, 3, 16, adapter=b)
+    assert lora["frozen weights"] == full["weights"] == 2 * moe.params / 16  # base weights still sharded
+    assert lora["Adam"] == 8 * b.params / 16 and lora["grads"] == 2 * b.params / 16  # moments and grads: adapter's
+    assert sum(lora.values()) < sum(full.values()) / 5
+    assert ranks_needed(moe, 3, True, 8192, b) == 2 and ranks_needed(moe, 3, True, 8192) == 15
+    assert ranks_needed(moe, 3, True, 16384) is None  # activations alone are over 80 GB
+
+
+def test_the_simulator_syncs_only_the_adapter_under_lora():
+    from bench.simulate import lora_cost_model
+    from vespo.config.model_profile import QWEN3_30B_A3B as moe
+    from vespo.config.model_profile import Adapter
+
+    full = CostModel.of(moe, ranks=16)
+    lora = lora_cost_model(full, Adapter.of(moe, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]), ranks=16)
+    assert lora.broadcast_s < full.broadcast_s / 1000
+    # ZeRO-3 still gathers every weight twice, but reduce-scatters only the adapter's grads
+    assert lora.train_tokens_s_per_rank == pytest.approx(1.5 * full.train_tokens_s_per_rank, rel=1e-3)

@@ -4,7 +4,8 @@ A 64-GPU run that does not fit should fail on a laptop in a second, not after th
 come up. The cluster comes from a Ray cluster launcher config (deploy/cluster.yaml), a plain
 `nodes:` list, or, with neither, this machine. `--model NAME` adds what that model costs the
 layout: learner memory per rank, broadcast bytes, decode and training FLOPs
-(vespo/config/model_profile.py).
+(vespo/config/model_profile.py); with learner.lora set (`learner.lora.rank=16`), those of
+training the adapter alone and syncing only it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def describe(cfg: run_config.RunConfig, p: Plan) -> str:
         f"rollout: {len(engines)} vLLM engine(s) x TP {cfg.rollout.tensor_parallel_size} on {len(engine_nodes)} "
         f"node(s), {sum(s.gpus for s in engines)} GPU(s)",
         f"learner: DeepSpeed ZeRO-{cfg.learner.zero_stage}, world size {len(ranks)} across {len(rank_nodes)} "
-        f"node(s), {sum(s.gpus for s in ranks)} GPU(s)",
+        f"node(s), {sum(s.gpus for s in ranks)} GPU(s)"
+        + (f", LoRA rank {cfg.learner.lora.rank} (syncs send the adapter only)" if cfg.learner.lora else ""),
         f"weight group: {backend}, world size {receivers + 1} (learner rank 0 + one receiver per engine shard), "
         f"buckets of {cfg.train.weight_bucket_mb} MB",
         f"mode: {cfg.train.mode}"
@@ -68,11 +70,13 @@ def model_lines(cfg: run_config.RunConfig, p: Plan, profile: model_profile.Model
     """What the model costs this layout (model_profile.describe), from the config's learner and rollout."""
     learner, rollout = cfg.learner, cfg.rollout
     sequences = cfg.train.groups_per_step * rollout.n
+    lora = learner.lora
+    adapter = None if lora is None else model_profile.Adapter.of(profile, lora.rank, lora.target_modules)
     return model_profile.describe(
         profile, zero_stage=learner.zero_stage, ranks=len(p.of("learner")), bf16=learner.bf16,
         micro_batch_tokens=learner.micro_batch_tokens, tp=rollout.tensor_parallel_size,
         receivers=len(p.of("engine")) * rollout.tensor_parallel_size, step_tokens=sequences * rollout.max_model_len,
-        step_note=f"at most: {sequences} sequences of rollout.max_model_len {rollout.max_model_len}",
+        step_note=f"at most: {sequences} sequences of rollout.max_model_len {rollout.max_model_len}", adapter=adapter,
     )  # fmt: skip
 
 
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(describe(cfg, p), soft_wrap=True, highlight=False)
     if args.model:
         console.print("\n".join(model_lines(cfg, p, model_profile.PROFILES[args.model])), soft_wrap=True,
-                      highlight=False)  # fmt: skip
+                      highlight=False, markup=False)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ and the reward (importable, of a known signature).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +62,7 @@ def check(cfg: RunConfig, need_eval: bool | None = None, training: bool = True) 
     if cfg.learner.routing_replay == "rollout":
         _check_routing_replay(cfg, model_path)
     if cfg.learner.lora is not None:
-        _check_lora_targets(cfg, model_path)
+        _check_lora(cfg, model_path, architecture)
     try:
         task = make_task(cfg.task)
         train, held_out = task.samples("train"), task.samples("eval")
@@ -128,21 +131,96 @@ def _check_routing_replay(cfg: RunConfig, model_path: str) -> None:
         raise PreflightError(f"{key}: multi-turn episodes (task.name env) carry no engine routing")
 
 
-def _check_lora_targets(cfg: RunConfig, model_path: str) -> None:
-    """PEFT would refuse a target the model lacks only inside the learner's actor; the modules
-    are known from config.json alone (the model built on the meta device: no weights read)."""
+# Run in a process of its own: importing vLLM here would put it in the driver's sys.modules
+# (the training loop never imports it) and may initialise CUDA. Prints, for each architecture
+# named, what preflight needs to know of its vLLM model class, or no class where vLLM has none of
+# its own for it (it then serves the model with its Transformers backend, which takes LoRA).
+_VLLM_LORA_PROBE = """
+import json, sys, typing
+from vllm.config.lora import MaxLoRARanks
+from vllm.model_executor.models.interfaces import supports_lora
+from vllm.model_executor.models.registry import ModelRegistry
+ranks = list(typing.get_args(MaxLoRARanks))
+for arch in sys.argv[1:]:
+    out = {"ranks": ranks}
+    model = ModelRegistry.models.get(arch)
+    if model is not None:
+        cls = model.load_model_cls()
+        out.update(cls=cls.__name__, lora=bool(supports_lora(cls)),
+                   embedding=sorted(getattr(cls, "embedding_modules", None) or {}))
+    print("vespo-probe " + json.dumps([arch, out]))
+"""
+_PROBED = "vespo-probe "
+_vllm_lora: dict[str, dict] = {}  # architecture -> the probe's answer, asked once a process
+
+
+def vllm_lora_support(*architectures: str) -> dict[str, dict]:
+    """vLLM's word on each architecture (_VLLM_LORA_PROBE): those not yet asked in one process,
+    seconds for vLLM's import however many."""
+    ask = [a for a in dict.fromkeys(architectures) if a not in _vllm_lora]
+    if ask:
+        env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
+        what = f"whether it serves {', '.join(ask)} with LoRA"
+        try:
+            done = subprocess.run([sys.executable, "-c", _VLLM_LORA_PROBE, *ask], capture_output=True, text=True,
+                                  timeout=300, env=env)  # fmt: skip
+        except subprocess.TimeoutExpired as err:
+            raise PreflightError(f"learner.lora: vLLM took over {err.timeout:.0f} s to say {what}") from err
+        answers = dict(json.loads(line[len(_PROBED) :]) for line in done.stdout.splitlines()
+                       if line.startswith(_PROBED))  # fmt: skip
+        if done.returncode or set(answers) != set(ask):
+            last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            raise PreflightError(f"learner.lora: cannot ask vLLM {what}: {last}")
+        _vllm_lora.update(answers)
+    return {a: _vllm_lora[a] for a in architectures}
+
+
+def _check_lora(cfg: RunConfig, model_path: str, architecture: str) -> None:
+    """What would otherwise fail inside the learner's or an engine's actor. PEFT refuses a target
+    the model lacks; under rollout.backend vllm the engines load each update's adapter into
+    vLLM's LoRA, which needs a model class of vLLM's that takes LoRA (SupportsLoRA), a rank up to
+    its largest max_lora_rank, and targets it has LoRA layers for: linear layers (lora_A and
+    lora_B, what a sync carries), the output layer only where the class lists it among its
+    embedding modules. The transformers backend merges the adapter on its side: no vLLM check."""
+    lora = cfg.learner.lora
+    vllm = vllm_lora_support(architecture)[architecture] if cfg.rollout.backend == "vllm" else None
+    if vllm is not None and vllm.get("lora") is False:
+        raise PreflightError(
+            f"learner.lora: vLLM cannot serve model {cfg.model} with a LoRA adapter (its {vllm['cls']} for "
+            f"{architecture} does not support LoRA); set learner.lora: null (full fine-tuning) or rollout.backend "
+            "transformers"
+        )
+    if vllm is not None and lora.rank > max(vllm["ranks"]):
+        raise PreflightError(
+            f"learner.lora.rank {lora.rank} is over the largest LoRA rank vLLM serves ({max(vllm['ranks'])})"
+        )
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # the modules are known from config.json alone (the model built on the meta device: no weights read)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    names = [n for n, _ in model.named_modules()]
-    for target in cfg.learner.lora.target_modules:  # PEFT's rule: the whole name or its last parts
-        if not any(n == target or n.endswith(f".{target}") for n in names):
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    modules = dict(model.named_modules())
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
+    output = model.get_output_embeddings()
+    for target in lora.target_modules:  # PEFT's rule: the whole name or its last parts
+        matched = [m for n, m in modules.items() if n == target or n.endswith(f".{target}")]
+        if not matched:
             raise PreflightError(
                 f"learner.lora.target_modules: model {cfg.model} has no module {target!r}; "
                 f"its linear layers: {', '.join(linear)}"
+            )
+        if vllm is None:
+            continue
+        kinds = sorted({type(m).__name__ for m in matched if not isinstance(m, torch.nn.Linear)})
+        if kinds:
+            raise PreflightError(
+                f"learner.lora.target_modules: {target!r} of model {cfg.model} is a {', '.join(kinds)}, not a linear "
+                f"layer: vLLM's LoRA takes linear layers here; its linear layers: {', '.join(linear)}"
+            )
+        if "cls" in vllm and any(m is output for m in matched) and target.rsplit(".", 1)[-1] not in vllm["embedding"]:
+            raise PreflightError(
+                f"learner.lora.target_modules: vLLM's {vllm['cls']} takes no LoRA on its output layer {target!r}"
             )
 
 
