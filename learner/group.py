@@ -185,7 +185,8 @@ class LearnerGroup:
         Ranks must share the filesystem under root (a network volume on clusters)."""
         staged = checkpoint.prepare_staging(root, step)
         ray.get([w.save_checkpoint.remote(str(staged)) for w in self.workers])
-        self.export_model(staged / "model")  # rank 0 writes it shard by shard: no weights pass the driver
+        if self.cfg.lora is None:  # a LoRA checkpoint holds its adapter (adapter/, by the ranks) instead
+            self.export_model(staged / "model")  # rank 0 writes it shard by shard: no weights pass the driver
         for name, write in (extra or {}).items():
             write(staged / name)
         meta = checkpoint.CheckpointMeta(step, policy_version, self.cfg.world_size, self.cfg.zero_stage)

@@ -63,7 +63,7 @@ def merged_by_peft(model_dir: str, state: dict[str, torch.Tensor]) -> dict[str, 
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
-def test_a_lora_step_trains_only_the_adapter_and_sends_merged_base_weights(model_dir, zero_stage):
+def test_a_lora_step_trains_only_the_adapter_and_syncs_send_it_alone(model_dir, zero_stage):
     batch = make_batch()
     with in_process_rank(learner_config(model_dir, zero_stage)) as worker:
         adapter = {id(p) for n, p in worker.engine.module.named_parameters() if ".lora_" in n}
@@ -74,7 +74,7 @@ def test_a_lora_step_trains_only_the_adapter_and_sends_merged_base_weights(model
         after = peft_state(worker)
         full = worker.full_state_dict()
         sent = {n: t.clone() for n, t in worker._gathered_parameters()}
-        shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in lora.named_weights(worker.engine.module)}
+        shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in lora.sync_weights(worker.engine.module)}
     assert np.isfinite(metrics["actor/loss"]) and metrics["actor/grad_norm"] > 0
     for name, value in before.items():
         if ".lora_" in name:
@@ -84,21 +84,32 @@ def test_a_lora_step_trains_only_the_adapter_and_sends_merged_base_weights(model
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     expected = merged_by_peft(model_dir, after)
     assert list(full) == list(plain.state_dict()) == list(expected)
-    assert list(sent) == [n for n, _ in plain.named_parameters()]
-    assert shapes == {n: tuple(p.shape) for n, p in plain.named_parameters()}
+    # a sync: every target's A and B by PEFT's saved names (what vLLM parses), B scaled by alpha / rank
+    adapter_names = [n.replace(".default.", ".") for n in after if ".lora_" in n]
+    assert list(sent) == adapter_names and shapes == {n: tuple(t.shape) for n, t in sent.items()}
+    for name, value in sent.items():
+        own = after[name.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")]
+        torch.testing.assert_close(value, own * (LORA.scale if ".lora_B." in name else 1.0), rtol=0, atol=0)
+    weights = dict(plain.named_parameters())
+    for name in [n for n in sent if ".lora_A." in n]:  # base + B A from what was sent is the merged weight
+        module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        b = sent[name.replace(".lora_A.", ".lora_B.")]
+        torch.testing.assert_close(weights[f"{module}.weight"] + b @ sent[name], expected[f"{module}.weight"],
+                                   rtol=0, atol=1e-6)  # fmt: skip
     for name, value in expected.items():
         torch.testing.assert_close(full[name], value, rtol=0, atol=1e-6, msg=name)
-        torch.testing.assert_close(sent.get(name, value), value, rtol=0, atol=1e-6, msg=name)
     moved = [n for n, v in plain.state_dict().items() if not torch.equal(full[n], v)]
     assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for n in moved)
 
 
-def test_the_weight_plan_is_the_plain_models(model_dir):
-    """The engines take the same buckets as without LoRA: names, dtypes and shapes."""
+def test_the_weight_plan_is_the_adapters(model_dir):
+    """Under ZeRO-3 too the plan names the adapter's tensors by their full (unpartitioned) shapes."""
     from types import SimpleNamespace
 
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    specs = [TensorSpec(n, "float32", tuple(p.shape)) for n, p in plain.named_parameters()]
+    wrapped = lora.wrap(plain, LORA)
+    specs = [TensorSpec(n.replace(".default.", "."), "float32", tuple(p.shape))
+             for n, p in wrapped.named_parameters() if ".lora_" in n]  # fmt: skip
     with in_process_rank(learner_config(model_dir, 3)) as worker:
         worker.broadcaster = SimpleNamespace(bucket_bytes=1 << 16)
         assert worker.weight_plan() == plan_to_wire(plan_buckets(specs, 1 << 16))
