@@ -25,8 +25,8 @@ def _known_advantage(name: str) -> str:
 
 @section("learner.lora")
 class LoraConfig:
-    """A low-rank adapter trained instead of the whole model (learner/lora.py); the engines
-    still receive full weights, the adapter merged in."""
+    """A low-rank adapter trained instead of the whole model (learner/lora.py); weight syncs
+    carry the adapter alone, which the engines serve from memory (weightsync/adapter.py)."""
 
     rank: AtLeast1 = 8
     # unset: 2 x rank, so the adapter's scale alpha / rank stays 2 whatever the rank: changing
