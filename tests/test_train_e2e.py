@@ -66,6 +66,7 @@ def test_training_runs_end_to_end(tmp_path, mode):
     # `vespo eval` on an exported checkpoint: tests/test_real_model_run.py, on the real model
 
 
+@pytest.mark.slow  # CI time; in CI: RewardsFailing on the pool (tests/test_rewards.py), failed samples on fakes
 def test_a_reward_that_always_fails_stops_the_run_with_its_error(tmp_path):
     """Not `batch skipped` until batch_timeout_s: the run ends early, saying what the reward raised."""
     (tmp_path / "broken_reward.py").write_text("def reward(response, answer):\n    return {'no': 'score'}['score']\n")
