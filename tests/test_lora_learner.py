@@ -16,6 +16,7 @@ from learner import lora
 from learner.advantages import advantages
 from learner.batching import TrainBatch, collate
 from learner.config import LearnerConfig, LoraConfig
+from learner.objectives import OBJECTIVES
 from learner.sharding import batch_totals
 from vespo.config import run_config
 from vespo.config.preflight import PreflightError, check
@@ -131,7 +132,7 @@ def test_each_objective_steps_and_packing_does_not_change_the_loss(model_dir):
     batch = make_batch()
     totals = batch_totals(batch)
     with in_process_rank(learner_config(model_dir)) as worker:
-        for objective in ("grpo", "vespo"):
+        for objective in OBJECTIVES:  # vespo and the baselines
             worker.rebuild(replace(worker.cfg, objective=objective))
             metrics = worker.train_step(batch, totals).metrics
             assert np.isfinite(metrics["actor/loss"]) and metrics["actor/grad_norm"] > 0, objective
