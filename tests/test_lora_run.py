@@ -1,9 +1,10 @@
 """LoRA on the real model, as a user types it: `vespo train model=smollm2-135m learner.lora.rank=16`
-on veRL-schema word problems, fully async, then `vespo eval --checkpoint` on what it wrote.
+on veRL-schema word problems, fully async.
 
 Every sync carries the adapter alone (the wandb `sync/bytes` is the adapter's size, not the
-model's), the vLLM engine serves it from its LoRA slot, the checkpoint holds the adapter in
-PEFT's format, and eval merges it into the base model.
+model's), the vLLM engine serves it from its LoRA slot, and the checkpoint holds the adapter in
+PEFT's format. `vespo eval --checkpoint` merges such an adapter into its base model
+(`tests/test_lora_checkpoint.py`) and then scores it as any model (`tests/test_real_model_run.py`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def adapter_and_model_bytes(path: str) -> tuple[int, int]:
     return 4 * adapter, 4 * sum(p.numel() for p in model.parameters())
 
 
-def test_smollm2_trains_a_lora_adapter_with_adapter_only_syncs_and_its_checkpoint_serves(tmp_path):
+def test_smollm2_trains_a_lora_adapter_with_adapter_only_syncs(tmp_path):
     data = write_parquet(tmp_path / "word_problems.parquet", 60, seed=3)
     task = ["model=smollm2-135m", "task.name=math", f"task.path={data}", "task.eval_fraction=0.1",
             "rollout.max_new_tokens=32", "rollout.max_model_len=320", f"learner.lora.rank={RANK}"]  # fmt: skip
@@ -58,8 +59,3 @@ def test_smollm2_trains_a_lora_adapter_with_adapter_only_syncs_and_its_checkpoin
     assert config["r"] == RANK and set(config["target_modules"]) == set(TARGETS)
     adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
     assert any(".lora_B." in n and t.abs().max() > 0 for n, t in adapter.items())  # trained: B left zero
-
-    evaluated = vespo("eval", *task, "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--prompts", "4",
-                      "--json", str(tmp_path / "eval.json"))  # fmt: skip
-    result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["prompts"] == 4 and result["reward_errors"] == 0, evaluated.stdout[-2000:]

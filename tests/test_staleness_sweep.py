@@ -172,6 +172,7 @@ def test_begin_run_refuses_changes_that_need_new_actors():
         controller.begin_run(replace(cfg, task=replace(cfg.task, max_digits=2)))
 
 
+@pytest.mark.slow  # CI time: the sweeps in docs/results.md run this path cell after cell
 def test_a_small_sweep_runs_every_cell_on_shared_actors(tmp_path):
     out = tmp_path / "sweep"
     argv = ["--variants", "vespo", "grpo", "--modes", "sync-3", "async", "--seeds", "0", "--steps", "6",
