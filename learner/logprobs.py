@@ -268,5 +268,8 @@ def _logprobs(
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face model inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)
+    """The Hugging Face model inside a DeepSpeed engine (or the model itself), and inside a PEFT
+    wrapper (learner.lora), whose own forward passes `logits_to_keep` on but does not declare it."""
+    from learner.lora import base_module
+
+    return base_module(getattr(model, "module", model))

@@ -146,6 +146,24 @@ def test_each_objective_steps_and_packing_does_not_change_the_loss(model_dir):
     torch.testing.assert_close(logprobs[True][mask], logprobs[False][mask], rtol=0, atol=1e-5)
 
 
+def test_a_lora_learner_takes_log_probs_in_vocabulary_slices(model_dir, monkeypatch):
+    """PEFT's forward does not declare logits_to_keep; the learner still never builds the full logits."""
+    import learner.logprobs as logprobs
+
+    full_calls = []
+    real = logprobs.full_logits_token_logprobs
+    monkeypatch.setattr(logprobs, "full_logits_token_logprobs", lambda *a, **k: full_calls.append(1) or real(*a, **k))
+    batch = make_batch()
+    with in_process_rank(learner_config(model_dir)) as worker:
+        sliced = worker.compute_logprobs(batch)
+        assert not full_calls
+        monkeypatch.setattr(logprobs, "_causal_lm", lambda m: m)  # the wrapper taken as it is
+        full = worker.compute_logprobs(batch)
+    assert full_calls  # ... falls back to the full logits
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(sliced[mask], full[mask], rtol=0, atol=1e-5)
+
+
 def test_null_lora_trains_every_weight(model_dir):
     with in_process_rank(LearnerConfig(model_path=model_dir)) as worker:
         assert not lora.is_wrapped(worker.engine.module)
