@@ -68,12 +68,12 @@ def token_logprobs(
     flat_hidden = hidden[:, :-1].reshape(-1, width)
     flat_targets = input_ids[:, 1:].reshape(-1)
     tokens = max(flat_hidden.shape[0], 1)
-    if head.partitioned:
+    if head.partitioned and head.layer.weight.requires_grad:
         step = max(1, chunk_bytes // (4 * head.vocab_size))
         lp, entropy = _token_chunks(head, flat_hidden, flat_targets, temperature, step, with_entropy)
     else:
         step = max(1, chunk_bytes // (4 * tokens))
-        weight, bias = head.layer.weight, head.layer.bias
+        weight, bias = head.frozen_whole() if head.partitioned else (head.layer.weight, head.layer.bias)
         lp, entropy = VocabSlicedLogprobs.apply(
             flat_hidden, weight, bias, flat_targets, head, temperature, step, with_entropy
         )
@@ -222,6 +222,16 @@ class OutputHead:
     def partitioned(self) -> bool:
         """ZeRO-3 holds the weight in shards between the module's own calls."""
         return hasattr(self.layer.weight, "ds_id")
+
+    def frozen_whole(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A partitioned output layer that takes no gradient (ZeRO-3 under learner.lora), gathered
+        once and copied: the vocabulary slices then run on it as on a resident one (re-running the
+        module in a checkpointed backward would find it partitioned again)."""
+        import deepspeed
+
+        layer = self.layer
+        with deepspeed.zero.GatheredParameters([p for p in (layer.weight, layer.bias) if p is not None]):
+            return layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.post(self.layer(hidden))
