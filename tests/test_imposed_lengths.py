@@ -24,7 +24,7 @@ class RecordingLLM:
     def __init__(self):
         self.requests = []
 
-    async def generate(self, prompt, sampling, request_id):
+    async def generate(self, prompt, sampling, request_id, lora_request=None):
         self.requests.append((request_id, sampling))
         k, step = sampling.max_tokens, {5: SimpleNamespace(logprob=-0.1)}
         out = SimpleNamespace(token_ids=[5] * k, logprobs=[step] * k, weight_versions=None, finish_reason="length")

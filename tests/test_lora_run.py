@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 
 import torch
+from run_fixtures import vespo
 from safetensors.torch import load_file
-from test_real_model_run import vespo
 from wandb_offline import read_run
 
 from rollout.tasks.word_problems import write_parquet

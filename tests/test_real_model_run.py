@@ -9,26 +9,15 @@ every end-to-end test trained the toy.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
-from run_fixtures import EXPECTED_KEYS
+from run_fixtures import EXPECTED_KEYS, vespo
 from wandb_offline import read_run
 
 from rollout.tasks.word_problems import write_parquet
 from vespo.models import resolve_model
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2  # two updates and two broadcasts: enough to show training moved the weights and served them
-
-
-def vespo(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "vespo", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return done
 
 
 def test_smollm2_trains_on_verl_parquet_math_and_its_checkpoint_serves(tmp_path):
